@@ -1,0 +1,1 @@
+"""Pure-PyTorch math of consistency models: no Ray, no MLflow, no I/O."""

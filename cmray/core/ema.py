@@ -1,0 +1,52 @@
+"""Target network and saved EMA copies.
+
+Paper Algorithm 2/3: theta- <- stopgrad(mu theta- + (1 - mu) theta). mu = 0 makes the target a
+plain stop-gradient copy of the online net (iCT). Separately, the released code keeps EMA copies
+at fixed rates (e.g. 0.9999, 0.99994, 0.9999432189950708) for sampling.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def ema_update_(target: nn.Module, online: nn.Module, mu: float) -> None:
+    """Algorithm 2 line 9: theta- <- mu theta- + (1 - mu) theta, in place; mu = 0 copies exactly."""
+    if not 0.0 <= mu < 1.0:
+        raise ValueError(f"EMA rate mu = {mu}: accepted 0 <= mu < 1")
+    t_params, o_params = list(target.parameters()), list(online.parameters())
+    if mu == 0.0:
+        # lerp with weight 1 can round; a copy is bit-exact.
+        torch._foreach_copy_(t_params, o_params)
+    else:
+        torch._foreach_lerp_(t_params, o_params, 1.0 - mu)
+    for t_buf, o_buf in zip(target.buffers(), online.buffers(), strict=True):
+        t_buf.copy_(o_buf)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy that takes no gradient: the starting point of a target or EMA network."""
+    clone = copy.deepcopy(module)
+    clone.requires_grad_(False)
+    return clone
+
+
+class EMABank(nn.Module):
+    """EMA copies of the online network at fixed rates, for sampling (not the CM target)."""
+
+    def __init__(self, online: nn.Module, rates: Iterable[float]):
+        super().__init__()
+        self.rates = tuple(float(r) for r in rates)
+        self.copies = nn.ModuleList(frozen_copy(online) for _ in self.rates)
+
+    def update_(self, online: nn.Module) -> None:
+        for rate, ema in zip(self.rates, self.copies, strict=True):
+            ema_update_(ema, online, rate)
+
+    def by_rate(self, rate: float) -> nn.Module:
+        return self.copies[self.rates.index(rate)]

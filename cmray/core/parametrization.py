@@ -1,0 +1,119 @@
+"""The consistency function f_theta and its boundary-respecting parametrization.
+
+Paper Eq. 5 and Appendix C: f_theta(x, t) = c_skip(t) x + c_out(t) F_theta(c_in(t) x, c_noise(t)),
+with c_skip(eps) = 1 and c_out(eps) = 0, so f_theta(x, eps) = x for every network F.
+The EDM teacher's denoiser D_phi uses the same scalings without the eps shift (sigma_min = 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import nn
+
+from cmray.core.tensors import per_sample
+
+Scalings = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def c_skip(t: torch.Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002) -> torch.Tensor:
+    """Paper Appendix C: c_skip(t) = sigma_data^2 / ((t - eps)^2 + sigma_data^2)."""
+    return sigma_data**2 / ((t - sigma_min) ** 2 + sigma_data**2)
+
+
+def c_out(t: torch.Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002) -> torch.Tensor:
+    """Paper Appendix C: c_out(t) = sigma_data (t - eps) / sqrt(sigma_data^2 + t^2)."""
+    return sigma_data * (t - sigma_min) / torch.sqrt(sigma_data**2 + t**2)
+
+
+def c_in(t: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """Paper Appendix C (EDM Table 1): c_in(t) = 1 / sqrt(t^2 + sigma_data^2)."""
+    return 1.0 / torch.sqrt(t**2 + sigma_data**2)
+
+
+def c_noise(t: torch.Tensor) -> torch.Tensor:
+    """Network time input of the official code: c_noise(t) = 1000 * 0.25 * ln(t + 1e-44)."""
+    return 1000.0 * 0.25 * torch.log(t + 1e-44)
+
+
+def boundary_scalings(
+    t: torch.Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002
+) -> Scalings:
+    """Paper Eq. 5 / Appendix C: (c_skip, c_out, c_in) with the sigma_min shift."""
+    return c_skip(t, sigma_data, sigma_min), c_out(t, sigma_data, sigma_min), c_in(t, sigma_data)
+
+
+def linear_scalings(t: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Scalings:
+    """Tutorial Eq. 18: s = clamp((t - eps) / (T - eps), 0, 1), c_skip = 1 - s, c_out = s.
+
+    c_in = 1: the tutorial's network sees the raw input.
+    """
+    s = ((t - sigma_min) / (sigma_max - sigma_min)).clamp(0.0, 1.0)
+    return 1.0 - s, s, torch.ones_like(t)
+
+
+class Network(Protocol):
+    """Any F(x_in, noise_cond) -> output shaped like x_in."""
+
+    def __call__(self, x: torch.Tensor, noise_cond: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Parametrization:
+    """Which scalings wrap F, and the noise range they live on.
+
+    kind "edm":    paper Appendix C scalings; c_noise = 250 ln t (official code).
+    kind "linear": tutorial Eq. 18 blend; the network sees raw x and raw t.
+    sigma_min = 0 turns "edm" into the EDM teacher's denoiser preconditioning.
+    """
+
+    kind: Literal["edm", "linear"] = "edm"
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+
+    def scalings(self, t: torch.Tensor) -> Scalings:
+        if self.kind == "edm":
+            return boundary_scalings(t, self.sigma_data, self.sigma_min)
+        return linear_scalings(t, self.sigma_min, self.sigma_max)
+
+    def noise_cond(self, t: torch.Tensor) -> torch.Tensor:
+        return c_noise(t) if self.kind == "edm" else t
+
+
+class ConsistencyFunction(nn.Module):
+    """f_theta(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t)), paper Eq. 5.
+
+    Wraps any network F. Because c_skip(eps) == 1 and c_out(eps) == 0 hold exactly in floating
+    point, f_theta(x, eps) == x bit for bit, whatever F outputs (as long as it is finite).
+    The same wrapper with ``Parametrization(sigma_min=0)`` is the EDM denoiser D_phi.
+    """
+
+    def __init__(self, net: nn.Module, parametrization: Parametrization):
+        super().__init__()
+        self.net = net
+        self.parametrization = parametrization
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t = per_sample(t, x)
+        skip, out, inp = self.parametrization.scalings(t)
+        cond = self.parametrization.noise_cond(t.reshape(-1))
+        return skip * x + out * self.net(inp * x, cond)
+
+
+class ScoreDenoiser(nn.Module):
+    """D_phi(x, t) = x + t^2 s_phi(x, t): a score network seen as a denoiser (Tweedie).
+
+    Lets the tutorial's score-MLP teacher drive the same Euler/Heun steps as an EDM denoiser,
+    since d(x, t) = (x - D(x, t)) / t = -t s(x, t) (paper Eq. 4).
+    """
+
+    def __init__(self, score_net: nn.Module):
+        super().__init__()
+        self.score_net = score_net
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t = per_sample(t, x)
+        return x + t**2 * self.score_net(x, t.reshape(-1))

@@ -1,0 +1,120 @@
+"""Samplers. Each returns the sample and the number of network evaluations (NFE) it made.
+
+Paper Sec. 3: one step x = f(x_T, T); Algorithm 1: multistep consistency sampling.
+The teacher baseline integrates the empirical PF ODE (paper Eq. 4) with Euler or Heun steps.
+Noise comes in as arguments (x_T and a generator), never from global state.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cmray.core.schedules import karras_sigma_at_index
+from cmray.core.solvers import NFE_PER_STEP, Denoiser, Solver, ode_step
+
+ConsistencyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SampleResult:
+    """A batch of samples and how many network evaluations produced it."""
+
+    x: torch.Tensor
+    nfe: int
+
+
+def _full(x: torch.Tensor, t: float) -> torch.Tensor:
+    return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
+
+
+def _clip(x: torch.Tensor, clip: tuple[float, float] | None) -> torch.Tensor:
+    return x if clip is None else x.clamp(*clip)
+
+
+@torch.no_grad()
+def sample_onestep(
+    f: ConsistencyFn,
+    z: torch.Tensor,
+    sigma_max: float = 80.0,
+    clip: tuple[float, float] | None = None,
+) -> SampleResult:
+    """Paper Sec. 3, one-step generation: x_T = T z, x = f(x_T, T)."""
+    return SampleResult(_clip(f(sigma_max * z, _full(z, sigma_max)), clip), nfe=1)
+
+
+@torch.no_grad()
+def sample_multistep(
+    f: ConsistencyFn,
+    z: torch.Tensor,
+    taus: Sequence[float],
+    generator: torch.Generator | None,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    clip: tuple[float, float] | None = None,
+) -> SampleResult:
+    """Paper Algorithm 1: x = f(T z, T); for tau in taus: x = f(x + sqrt(tau^2 - eps^2) z', tau).
+
+    ``taus`` must decrease within (eps, T]. ``clip`` clamps each denoised sample, as the official
+    code does with (-1, 1) for images.
+    """
+    _check_taus(taus, sigma_min, sigma_max)
+    x = sample_onestep(f, z, sigma_max, clip).x
+    for tau in taus:
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        x_tau = x + (tau**2 - sigma_min**2) ** 0.5 * noise
+        x = _clip(f(x_tau, _full(x, tau)), clip)
+    return SampleResult(x, nfe=1 + len(taus))
+
+
+def _check_taus(taus: Sequence[float], sigma_min: float, sigma_max: float) -> None:
+    values = [float(t) for t in taus]
+    if any(not sigma_min < t <= sigma_max for t in values):
+        raise ValueError(f"taus {values}: each must lie in ({sigma_min}, {sigma_max}]")
+    if any(b >= a for a, b in itertools.pairwise(values)):
+        raise ValueError(f"taus {values}: must be strictly decreasing (Algorithm 1)")
+
+
+def taus_from_indices(
+    indices: Sequence[int],
+    N: int,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+) -> list[float]:
+    """The official sampler's ``ts`` (e.g. 0,17,39 of N = 40) as Algorithm 1's taus.
+
+    Index 0 is T and index N - 1 is eps on the descending Karras grid; the first evaluation
+    is at T and the last index only marks the end, so the taus are the indices in between.
+    """
+    if len(indices) < 2 or indices[0] != 0 or indices[-1] != N - 1:
+        raise ValueError(f"indices {list(indices)}: must start at 0 and end at N - 1 = {N - 1}")
+    return [float(karras_sigma_at_index(i, N, sigma_min, sigma_max, rho)) for i in indices[1:-1]]
+
+
+@torch.no_grad()
+def sample_teacher_ode(
+    D: Denoiser,
+    z: torch.Tensor,
+    sigmas: torch.Tensor,
+    solver: Solver = "heun",
+    trajectory: list[torch.Tensor] | None = None,
+) -> SampleResult:
+    """Integrate the empirical PF ODE (paper Eq. 4) from x_T = T z down an ascending grid.
+
+    ``sigmas`` is ascending (t_1 = eps .. t_N = T); the solve visits it from the top. Each of
+    the N - 1 steps costs 1 (Euler) or 2 (Heun) evaluations. Pass a list as ``trajectory`` to
+    collect every intermediate state (for plots).
+    """
+    t_desc = sigmas.flip(0).tolist()
+    x = t_desc[0] * z
+    if trajectory is not None:
+        trajectory.append(x)
+    for t_cur, t_next in itertools.pairwise(t_desc):
+        x = ode_step(x, _full(x, t_cur), _full(x, t_next), D, solver)
+        if trajectory is not None:
+            trajectory.append(x)
+    return SampleResult(x, nfe=NFE_PER_STEP[solver] * (len(t_desc) - 1))

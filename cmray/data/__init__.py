@@ -1,0 +1,1 @@
+"""Data sources: toy distributions now; LSUN and image-folder shards later."""

@@ -1,0 +1,115 @@
+"""Distances between a 2D sample and the true ring mixture, and per-mode coverage."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TypeVar
+
+import torch
+
+from cmray.core.sampling import SampleResult
+from cmray.data.toy import RingMixture
+
+T = TypeVar("T")
+
+
+def _mean_offdiag(d: torch.Tensor) -> torch.Tensor:
+    n = d.shape[0]
+    return (d.sum() - d.diagonal().sum()) / (n * (n - 1))
+
+
+def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Unbiased energy distance (Székely & Rizzo 2013): 2E|X-Y| - E|X-X'| - E|Y-Y'|.
+
+    Zero in expectation when x and y come from the same distribution.
+    """
+    x, y = x.double(), y.double()
+    cross = torch.cdist(x, y).mean()
+    return float(2 * cross - _mean_offdiag(torch.cdist(x, x)) - _mean_offdiag(torch.cdist(y, y)))
+
+
+def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> float:
+    """Unbiased squared MMD with a Gaussian kernel of the given bandwidth (Gretton et al. 2012)."""
+    x, y = x.double(), y.double()
+
+    def k(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-(torch.cdist(a, b) ** 2) / (2 * bandwidth**2))
+
+    return float(_mean_offdiag(k(x, x)) + _mean_offdiag(k(y, y)) - 2 * k(x, y).mean())
+
+
+@dataclass
+class ModeCoverage:
+    """Where samples land relative to the mixture's modes.
+
+    on_mode: fraction of samples within ``radius_in_std`` stds of their nearest mode.
+    modes_hit: modes holding at least half their fair share of on-mode samples.
+    per_mode: fraction of all samples on each mode (the ideal is 1 / modes each).
+    """
+
+    on_mode: float
+    modes_hit: int
+    per_mode: list[float]
+
+
+def mode_coverage(x: torch.Tensor, ring: RingMixture, radius_in_std: float = 3.0) -> ModeCoverage:
+    """Assign each sample to its nearest mode; count those within ``radius_in_std`` stds."""
+    dist = torch.cdist(x.double(), ring.centers())
+    nearest_dist, nearest = dist.min(dim=1)
+    on = nearest_dist <= radius_in_std * ring.std
+    counts = torch.bincount(nearest[on], minlength=ring.modes).double() / x.shape[0]
+    fair = float(on.double().mean()) / ring.modes
+    return ModeCoverage(
+        on_mode=float(on.double().mean()),
+        modes_hit=int((counts >= 0.5 * fair).sum()) if fair > 0 else 0,
+        per_mode=[round(float(c), 4) for c in counts],
+    )
+
+
+def quality_report(x: torch.Tensor, reference: torch.Tensor, ring: RingMixture) -> dict:
+    """Energy distance, MMD (bandwidth = the mode std) and coverage of x against a reference."""
+    return {
+        "energy_distance": energy_distance(x, reference),
+        "mmd": mmd_rbf(x, reference, bandwidth=ring.std),
+        **asdict(mode_coverage(x, ring)),
+    }
+
+
+def timed(fn: Callable[[], T], repeats: int = 5) -> tuple[T, float]:
+    """Run fn once to warm up, then ``repeats`` times; return a result and the median seconds."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, statistics.median(times)
+
+
+def evaluate_sampler(
+    method: str,
+    sample: Callable[[], SampleResult],
+    reference: torch.Tensor,
+    ring: RingMixture,
+    repeats: int = 5,
+) -> tuple[dict, torch.Tensor]:
+    """One results-table entry: method, NFE, median wall time, distances and coverage."""
+    result, seconds = timed(sample, repeats)
+    entry = {"method": method, "nfe": result.nfe, "wall_time_s": seconds}
+    return entry | quality_report(result.x, reference, ring), result.x
+
+
+def format_table(entries: list[dict]) -> str:
+    """The results as a fixed-width text table."""
+    head = (
+        f"{'method':<22}{'NFE':>5}{'wall s':>10}{'energy':>10}{'MMD':>10}{'on-mode':>9}{'modes':>7}"
+    )
+    rows = [
+        f"{e['method']:<22}{e['nfe']:>5}{e['wall_time_s']:>10.4f}{e['energy_distance']:>10.4f}"
+        f"{e['mmd']:>10.5f}{e['on_mode']:>9.3f}{e['modes_hit']:>5}/{len(e['per_mode'])}"
+        for e in entries
+    ]
+    return "\n".join([head, "-" * len(head), *rows])

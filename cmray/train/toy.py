@@ -1,0 +1,207 @@
+"""Training loops of the 2D experiment (tutorial Sec. 4): diffusion teacher, CD and CT students.
+
+Plain PyTorch on one device, no Ray: the toy runs whole in a few minutes on a CPU. Every random
+draw comes from the generator passed in, so a run is a function of its seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from cmray.core import ema, losses, metrics, schedules
+from cmray.core.parametrization import ConsistencyFunction, Parametrization, ScoreDenoiser
+from cmray.core.solvers import Denoiser
+from cmray.data.toy import RingMixture
+from cmray.nets.toy_mlp import ToyMLP
+from cmray.train.toy_config import CDConfig, CTConfig, NetConfig, OptimConfig, Toy2DConfig
+
+Log = Callable[[str], None]
+LossFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def minibatches(
+    data: torch.Tensor, optim: OptimConfig, generator: torch.Generator
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(step, batch) over ``optim.epochs`` shuffled passes of a fixed data set."""
+    step = 0
+    for _ in range(optim.epochs):
+        order = torch.randperm(data.shape[0], generator=generator)
+        for start in range(0, data.shape[0] - optim.batch_size + 1, optim.batch_size):
+            yield step, data[order[start : start + optim.batch_size]]
+            step += 1
+
+
+def total_steps(data: torch.Tensor, optim: OptimConfig) -> int:
+    return optim.epochs * (data.shape[0] // optim.batch_size)
+
+
+def fit(
+    module: nn.Module,
+    loss_fn: LossFn,
+    data: torch.Tensor,
+    optim: OptimConfig,
+    generator: torch.Generator,
+    after_step: Callable[[int], None] | None = None,
+    log: Log | None = None,
+    name: str = "",
+) -> None:
+    """Adam on ``loss_fn(step, batch)`` over the epochs, reporting about 10 times per stage."""
+    opt = torch.optim.Adam(module.parameters(), lr=optim.lr)
+    steps = total_steps(data, optim)
+    every = max(steps // 10, 1)
+    for step, x0 in minibatches(data, optim, generator):
+        loss = loss_fn(step, x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step(step)
+        if log is not None and ((step + 1) % every == 0 or step + 1 == steps):
+            log(f"[{name}] step {step + 1:>6}/{steps}  loss {loss.item():.5f}")
+
+
+def build_net(cfg: NetConfig, log_time: bool) -> ToyMLP:
+    return ToyMLP(hidden=cfg.hidden, depth=cfg.depth, emb_dim=cfg.emb_dim, log_time=log_time)
+
+
+def parametrization(kind: str, cfg: Toy2DConfig, sigma_min: float | None = None) -> Parametrization:
+    """Scalings on the run's noise range, with sigma_data taken from the ring itself."""
+    ring = RingMixture(cfg.ring.modes, cfg.ring.radius, cfg.ring.std)
+    eps = cfg.noise.sigma_min if sigma_min is None else sigma_min
+    return Parametrization(kind, ring.sigma_data(), eps, cfg.noise.sigma_max)  # type: ignore[arg-type]
+
+
+def make_consistency_net(kind: str, net: NetConfig, cfg: Toy2DConfig) -> ConsistencyFunction:
+    # "linear" hands F the raw t, "edm" hands it c_noise = 250 ln t (already logarithmic).
+    return ConsistencyFunction(
+        build_net(net, log_time=kind == "linear"), parametrization(kind, cfg)
+    )
+
+
+def make_teacher(cfg: Toy2DConfig) -> nn.Module:
+    """An untrained teacher: EDM-preconditioned denoiser, or the tutorial's raw score net."""
+    tc = cfg.teacher
+    if tc.objective == "edm":
+        return ConsistencyFunction(
+            build_net(tc.net, log_time=False), parametrization("edm", cfg, 0.0)
+        )
+    return ScoreDenoiser(build_net(tc.net, log_time=True))
+
+
+def train_teacher(
+    cfg: Toy2DConfig, data: torch.Tensor, generator: torch.Generator, log: Log | None = None
+) -> nn.Module:
+    """The diffusion teacher D_phi, by EDM's objective (EDM Eq. 2) or the tutorial's DSM."""
+    tc, noise = cfg.teacher, cfg.noise
+    D = make_teacher(cfg)
+
+    def edm_fn(step: int, x0: torch.Tensor) -> torch.Tensor:
+        sigma = losses.edm_sigma(x0.shape[0], tc.P_mean, tc.P_std, generator)
+        z = torch.randn(x0.shape, generator=generator)
+        return losses.edm_loss(D, x0, sigma, z, D.parametrization.sigma_data).mean()
+
+    def dsm_fn(step: int, x0: torch.Tensor) -> torch.Tensor:
+        t = sample_t(x0.shape[0], noise.sigma_min, noise.sigma_max, tc.t_dist, generator)
+        z = torch.randn(x0.shape, generator=generator)
+        return losses.dsm_loss(D.score_net, x0, t, z, tc.dsm_weighting).mean()
+
+    loss_fn = edm_fn if tc.objective == "edm" else dsm_fn
+    fit(D, loss_fn, data, tc.optim, generator, log=log, name="teacher")
+    return D.eval().requires_grad_(False)
+
+
+def sample_t(
+    batch: int, sigma_min: float, sigma_max: float, dist: str, generator: torch.Generator
+) -> torch.Tensor:
+    """DSM noise levels: the tutorial's t ~ U[eps, T], or log-uniform on the same range."""
+    u = torch.rand(batch, generator=generator)
+    if dist == "uniform":
+        return sigma_min + u * (sigma_max - sigma_min)
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    return torch.exp(lo + u * (hi - lo))
+
+
+def time_grid(cfg: Toy2DConfig, N: int, kind: str = "karras") -> torch.Tensor:
+    """The N-point grid: Karras (paper) or equally spaced (the tutorial's 32-point grid)."""
+    noise = cfg.noise
+    if kind == "karras":
+        return schedules.karras_sigmas(N, noise.sigma_min, noise.sigma_max, noise.rho)
+    return torch.linspace(noise.sigma_min, noise.sigma_max, N, dtype=torch.float64)
+
+
+def train_cd(
+    cfg: Toy2DConfig,
+    data: torch.Tensor,
+    teacher: Denoiser,
+    generator: torch.Generator,
+    log: Log | None = None,
+) -> tuple[ConsistencyFunction, ConsistencyFunction]:
+    """Consistency distillation, paper Algorithm 2; returns (online f_theta, target f_theta-)."""
+    cd: CDConfig = cfg.cd
+    online = make_consistency_net(cd.parametrization, cd.net, cfg)
+    target = ema.frozen_copy(online)
+    sigmas, d = time_grid(cfg, cd.N, cd.grid), metrics.get_metric(cd.metric)
+
+    def loss_fn(step: int, x0: torch.Tensor) -> torch.Tensor:
+        n = schedules.sample_uniform_indices(cd.N, x0.shape[0], generator)
+        z = torch.randn(x0.shape, generator=generator)
+        loss = losses.cd_loss(online, target, teacher, x0, z, n, sigmas, d, cd.solver).mean()
+        return loss + cd.boundary_weight * _boundary(online, x0, cfg, generator)
+
+    def update_target(step: int) -> None:
+        ema.ema_update_(target, online, cd.mu)
+
+    fit(online, loss_fn, data, cd.optim, generator, update_target, log, "cd")
+    return online.eval(), target.eval()
+
+
+def _boundary(
+    f: ConsistencyFunction, x0: torch.Tensor, cfg: Toy2DConfig, generator: torch.Generator
+) -> torch.Tensor:
+    z = torch.randn(x0.shape, generator=generator)
+    return losses.boundary_loss(f, x0, z, cfg.noise.sigma_min).mean()
+
+
+def ct_curriculum(ct: CTConfig, k: int, K: int) -> tuple[int, float]:
+    """(N(k), mu(k)): paper Appendix C, or iCT's exponential N(k) with mu = 0."""
+    if ct.curriculum == "ict":
+        return schedules.ict_N(k, K, ct.s0, ct.s1), 0.0
+    return schedules.ct_schedule(k, K, ct.s0, ct.s1, ct.mu0, ct.mu_variant)
+
+
+def train_ct(
+    cfg: Toy2DConfig, data: torch.Tensor, generator: torch.Generator, log: Log | None = None
+) -> tuple[ConsistencyFunction, ConsistencyFunction]:
+    """Consistency training, paper Algorithm 3; returns (online f_theta, target f_theta-)."""
+    ct = cfg.ct
+    online = make_consistency_net(ct.parametrization, ct.net, cfg)
+    target = ema.frozen_copy(online)
+    d, weighting = metrics.get_metric(ct.metric), losses.LAMBDAS[ct.weighting]
+    K = total_steps(data, ct.optim)
+    mu_now = [0.0]
+
+    def loss_fn(step: int, x0: torch.Tensor) -> torch.Tensor:
+        N, mu_now[0] = ct_curriculum(ct, step, K)
+        sigmas = time_grid(cfg, N)
+        n = _ct_indices(ct, sigmas, x0.shape[0], generator)
+        z = torch.randn(x0.shape, generator=generator)
+        return losses.ct_loss(online, target, x0, z, n, sigmas, d, weighting).mean()
+
+    def update_target(step: int) -> None:
+        ema.ema_update_(target, online, mu_now[0])
+
+    fit(online, loss_fn, data, ct.optim, generator, update_target, log, "ct")
+    return online.eval(), target.eval()
+
+
+def _ct_indices(
+    ct: CTConfig, sigmas: torch.Tensor, batch: int, generator: torch.Generator
+) -> torch.Tensor:
+    if ct.curriculum == "ict":
+        probs = schedules.lognormal_index_probs(sigmas)
+        return schedules.sample_indices_from_probs(probs, batch, generator)
+    return schedules.sample_uniform_indices(sigmas.numel(), batch, generator)

@@ -1,0 +1,138 @@
+"""Typed configuration of the 2D experiment (tutorial Sec. 4); ``configs/toy2d.yaml`` fills it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from cmray.config import ConfigError, param
+
+
+@dataclass
+class RingConfig:
+    """The target distribution: a ring-shaped mixture of Gaussians."""
+
+    modes: int = param(8, help="number of Gaussians on the ring", ge=2)
+    radius: float = param(4.0, help="ring radius", gt=0)
+    std: float = param(0.2, help="standard deviation of each Gaussian", gt=0)
+    train_points: int = param(32768, help="size of the fixed training set", ge=64)
+
+
+@dataclass
+class NoiseConfig:
+    """The noise range shared by teacher and students (paper Sec. 4 / Appendix C)."""
+
+    sigma_min: float = param(0.002, help="eps: the smallest noise level", gt=0)
+    sigma_max: float = param(80.0, help="T: the largest noise level", gt=0)
+    rho: float = param(7.0, help="Karras grid curvature", gt=0)
+
+    def __post_init__(self) -> None:
+        if self.sigma_min >= self.sigma_max:
+            raise ConfigError(
+                f"noise.sigma_min = {self.sigma_min} must be below noise.sigma_max = "
+                f"{self.sigma_max}",
+                key="noise.sigma_min",
+            )
+
+
+@dataclass
+class NetConfig:
+    """The tutorial's MLP: sinusoidal time embedding, SiLU hidden layers."""
+
+    hidden: int = param(64, help="width of each hidden layer", ge=1)
+    depth: int = param(2, help="number of hidden layers", ge=1)
+    emb_dim: int = param(64, help="time-embedding size (half sin, half cos)", ge=2)
+
+
+@dataclass
+class OptimConfig:
+    """Adam over shuffled epochs of the fixed training set."""
+
+    epochs: int = param(300, help="passes over the training set", ge=1)
+    batch_size: int = param(512, help="samples per step", ge=1)
+    lr: float = param(1e-3, help="Adam learning rate", gt=0)
+
+
+@dataclass
+class TeacherConfig:
+    """The diffusion teacher and its PF-ODE sampler."""
+
+    objective: Literal["edm", "dsm"] = param(
+        "edm", help="edm: EDM-preconditioned denoiser; dsm: raw score net, the tutorial's DSM"
+    )
+    P_mean: float = param(-1.2, help="edm: mean of ln sigma during training")
+    P_std: float = param(1.2, help="edm: std of ln sigma during training", gt=0)
+    t_dist: Literal["uniform", "loguniform"] = param(
+        "uniform", help="dsm: t ~ U[eps, T] (tutorial) or log-uniform"
+    )
+    dsm_weighting: Literal["t2", "none"] = param("t2", help="dsm: loss weight t^2 or none")
+    sampler_steps: int = param(100, help="time points of the PF-ODE solve (steps + 1)", ge=2)
+    solver: Literal["euler", "heun"] = param("euler", help="PF-ODE sampler")
+    net: NetConfig = param(default_factory=NetConfig, help="the network")
+    optim: OptimConfig = param(default_factory=OptimConfig, help="the optimiser")
+
+
+@dataclass
+class CDConfig:
+    """Consistency distillation (paper Eq. 7, Algorithm 2)."""
+
+    parametrization: Literal["edm", "linear"] = param(
+        "edm", help="edm: paper Appendix C scalings; linear: the tutorial's Eq. 18 blend"
+    )
+    N: int = param(32, help="points on the time grid", ge=2)
+    grid: Literal["karras", "uniform"] = param(
+        "karras", help="karras (paper) or equally spaced (tutorial)"
+    )
+    mu: float = param(0.95, help="target-network EMA rate", ge=0, lt=1)
+    solver: Literal["euler", "heun"] = param("euler", help="teacher ODE step")
+    metric: Literal["l2", "l1", "pseudo_huber"] = param("l2", help="distance d")
+    boundary_weight: float = param(1.0, help="weight of the tutorial's boundary loss", ge=0)
+    net: NetConfig = param(default_factory=NetConfig, help="the network")
+    optim: OptimConfig = param(default_factory=OptimConfig, help="the optimiser")
+
+
+@dataclass
+class CTConfig:
+    """Consistency training (paper Eq. 10, Algorithm 3) with an adaptive curriculum."""
+
+    curriculum: Literal["ct", "ict"] = param(
+        "ct", help="ct: paper Appendix C N(k), mu(k); ict: exponential N(k), mu = 0"
+    )
+    s0: int = param(10, help="initial discretisation", ge=1)
+    s1: int = param(150, help="final discretisation", ge=1)
+    mu0: float = param(0.95, help="ct: EMA rate at k = 0", ge=0, lt=1)
+    mu_variant: Literal["official", "paper"] = param(
+        "official", help="official: mu divides by N - 1 (published runs); paper: by N"
+    )
+    parametrization: Literal["edm", "linear"] = param("edm", help="as in cd")
+    metric: Literal["l2", "l1", "pseudo_huber"] = param("l2", help="distance d")
+    weighting: Literal["uniform", "ict"] = param("uniform", help="lambda(t_n)")
+    net: NetConfig = param(default_factory=NetConfig, help="the network")
+    optim: OptimConfig = param(default_factory=OptimConfig, help="the optimiser")
+
+    def __post_init__(self) -> None:
+        if self.s1 < self.s0:
+            raise ConfigError(f"ct.s1 = {self.s1} must be >= ct.s0 = {self.s0}", key="ct.s1")
+
+
+@dataclass
+class EvalConfig:
+    """How samples are drawn and scored."""
+
+    num_samples: int = param(2000, help="samples per method", ge=10)
+    reference_samples: int = param(10000, help="fresh draws from the true mixture", ge=10)
+    two_step_tau: float = param(0.5, help="tau of CD's second step (Algorithm 1)", gt=0)
+    trajectories: int = param(64, help="teacher trajectories drawn in the figure", ge=1)
+
+
+@dataclass
+class Toy2DConfig:
+    """The whole 2D experiment: data, teacher, CD and CT students, evaluation."""
+
+    seed: int = param(0, help="seed of every random draw in the run", ge=0)
+    ring: RingConfig = param(default_factory=RingConfig, help="the target distribution")
+    noise: NoiseConfig = param(default_factory=NoiseConfig, help="the noise range")
+    teacher: TeacherConfig = param(default_factory=TeacherConfig, help="the diffusion teacher")
+    cd: CDConfig = param(default_factory=CDConfig, help="the CD student")
+    ct: CTConfig = param(default_factory=CTConfig, help="the CT student")
+    eval: EvalConfig = param(default_factory=EvalConfig, help="evaluation")
