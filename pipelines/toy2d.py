@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from cmray.config import add_config_args, config_from_args, exit_on_config_error
 from cmray.experiments import toy2d
 from cmray.train.toy_config import Toy2DConfig
@@ -24,8 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_args(parser, default_config=DEFAULT_CONFIG)
     parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (tiny MLPs run best on one)"
+    )
     args = parser.parse_args(argv)
     cfg = config_from_args(Toy2DConfig, args)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
     def log(message: str) -> None:

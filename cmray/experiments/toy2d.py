@@ -71,14 +71,16 @@ def samplers(cfg: Toy2DConfig, models: ToyModels, z: torch.Tensor) -> dict[str, 
     }
 
 
-def evaluate(cfg: Toy2DConfig, models: ToyModels) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """Score every sampler on the same noise against fresh reference draws."""
+def evaluate(
+    cfg: Toy2DConfig, models: ToyModels, repeats: int = 5
+) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Score every sampler on the same noise against fresh reference draws (median wall time)."""
     ring = ring_of(cfg)
     reference = ring.sample(cfg.eval.reference_samples, torch.Generator().manual_seed(cfg.seed + 1))
     z = torch.randn(cfg.eval.num_samples, 2, generator=torch.Generator().manual_seed(cfg.seed + 3))
     entries, samples = [], {}
     for name, sample in samplers(cfg, models, z).items():
-        entry, x = evaluate_sampler(name, sample, reference, ring)
+        entry, x = evaluate_sampler(name, sample, reference, ring, repeats)
         entries.append(entry)
         samples[name] = x
     return entries, samples

@@ -120,7 +120,7 @@ class EvalConfig:
     """How samples are drawn and scored."""
 
     num_samples: int = param(2000, help="samples per method", ge=10)
-    reference_samples: int = param(10000, help="fresh draws from the true mixture", ge=10)
+    reference_samples: int = param(4000, help="fresh draws from the true mixture", ge=10)
     two_step_tau: float = param(0.5, help="tau of CD's second step (Algorithm 1)", gt=0)
     trajectories: int = param(64, help="teacher trajectories drawn in the figure", ge=1)
 
