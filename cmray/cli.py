@@ -1,0 +1,58 @@
+"""The ``cmray`` command. Today: the version, config checking and the 2D experiment.
+
+Sampling, editing, evaluation and model retrieval join it with their issues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import cmray
+from cmray.config import add_config_args, config_from_args, dump_yaml, exit_on_config_error
+from cmray.train.toy_config import Toy2DConfig
+
+SCHEMAS = {"toy2d": Toy2DConfig}
+
+
+def _config_command(args: argparse.Namespace) -> int:
+    """Validate a config and print it resolved: the check to run before submitting a job."""
+    sys.stdout.write(dump_yaml(config_from_args(SCHEMAS[args.schema], args)))
+    return 0
+
+
+def _toy2d_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from cmray.experiments import toy2d
+
+    cfg = config_from_args(Toy2DConfig, args)
+    torch.set_num_threads(1)
+    toy2d.run(cfg, args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmray", description="Consistency models on Ray.")
+    parser.add_argument("--version", action="version", version=f"cmray {cmray.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("config", help="validate a config and print it resolved")
+    check.add_argument("schema", choices=sorted(SCHEMAS), help="which experiment the file is for")
+    add_config_args(check)
+    check.set_defaults(run=_config_command)
+    toy = sub.add_parser("toy2d", help="run the 2D experiment (as pipelines/toy2d.py)")
+    add_config_args(toy)
+    toy.add_argument("--out", required=True, type=Path, help="output directory")
+    toy.set_defaults(run=_toy2d_command)
+    return parser
+
+
+@exit_on_config_error
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+from pathlib import Path
+
+import pytest
+
+from cmray import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_config_command_prints_resolved_yaml(capsys):
+    cfg = str(ROOT / "configs" / "toy2d.yaml")
+    assert cli.main(["config", "toy2d", "--config", cfg, "--set", "cd.N=18"]) == 0
+    out = capsys.readouterr().out
+    assert "N: 18" in out and "sigma_max: 80.0" in out
+
+
+def test_config_command_rejects_bad_value_with_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["config", "toy2d", "--set", "ct.mu_variant=mine"])
+    assert exc.value.code == 2
+    assert "ct.mu_variant = 'mine' is not accepted" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert "cmray 0.1.0" in capsys.readouterr().out
