@@ -182,17 +182,17 @@ def train_ct(
     target = ema.frozen_copy(online)
     d, weighting = metrics.get_metric(ct.metric), losses.LAMBDAS[ct.weighting]
     K = total_steps(data, ct.optim)
-    mu_now = [0.0]
 
     def loss_fn(step: int, x0: torch.Tensor) -> torch.Tensor:
-        N, mu_now[0] = ct_curriculum(ct, step, K)
+        N, _ = ct_curriculum(ct, step, K)
         sigmas = time_grid(cfg, N)
         n = _ct_indices(ct, sigmas, x0.shape[0], generator)
         z = torch.randn(x0.shape, generator=generator)
         return losses.ct_loss(online, target, x0, z, n, sigmas, d, weighting).mean()
 
     def update_target(step: int) -> None:
-        ema.ema_update_(target, online, mu_now[0])
+        # mu(k) is derived from the step, never carried as mutable state.
+        ema.ema_update_(target, online, ct_curriculum(ct, step, K)[1])
 
     fit(online, loss_fn, data, ct.optim, generator, update_target, log, "ct")
     return online.eval(), target.eval()
