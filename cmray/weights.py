@@ -10,12 +10,13 @@ file is missing, where it should go and where the official copy can be downloade
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import fsspec
 import torch
+
+from cmray.storage import local_temp_beside
 
 if TYPE_CHECKING:
     from cmray.core.lpips import LPIPSDistance
@@ -78,17 +79,9 @@ def _is_url(source: str) -> bool:
 
 
 def _copy_atomically(fs: fsspec.AbstractFileSystem, remote_path: str, dest: Path) -> None:
-    # A temp file in the destination directory makes os.replace an atomic rename, so concurrent
-    # workers on one node never see (or load) a half-written checkpoint.
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        fs.get_file(remote_path, tmp_name)
-        os.replace(tmp_name, dest)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    # Concurrent workers on one node must never see (or load) a half-written weight file.
+    with local_temp_beside(dest) as tmp:
+        fs.get_file(remote_path, tmp)
 
 
 def _stage_from_url(url: str, dest: Path, not_found: WeightsNotFoundError) -> Path:
