@@ -49,3 +49,16 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"cmray-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_endpoint: str) -> Iterator[None]:
+    """A real local Ray with two CPUs; its workers get the S3 endpoint as AWS workers would."""
+    import ray
+
+    env = {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    try:
+        yield
+    finally:
+        ray.shutdown()
