@@ -25,7 +25,13 @@ from cmray.data.manifest import read_manifest
 from cmray.data.prepare import prepare
 from cmray.data.preprocess import center_crop, encode_image, prepare_image, resize_short_side
 from cmray.data.sources import DigitsSource, FolderSource, LmdbSource, parse_source
-from cmray.data.stream import RetryingReader, ShardStream, rank_shards
+from cmray.data.stream import (
+    PrefetchReader,
+    RetryingReader,
+    ShardStream,
+    rank_shards,
+    to_unit_range,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -333,9 +339,11 @@ def test_batches_are_flipped_images_scaled_to_unit_range(digits32: Path) -> None
         assert batch["image"].dtype == torch.float32 and batch["image"].shape[1:] == (3, 32, 32)
         for key, image, label in zip(batch["key"], batch["image"], batch["label"], strict=True):
             pixels = torch.from_numpy(np.array(decode_png(samples[key]["png"]))).permute(2, 0, 1)
-            scaled = pixels.float() / 127.5 - 1
+            scaled = pixels.float() * (2 / 255) - 1
             is_flipped = not torch.equal(image, scaled)
-            assert torch.equal(image, scaled.flip(-1) if is_flipped else scaled)
+            torch.testing.assert_close(
+                image, scaled.flip(-1) if is_flipped else scaled, rtol=0, atol=1e-6
+            )
             flipped += is_flipped
             assert label.item() == int(samples[key]["cls"])
     assert 0.4 < flipped / 1797 < 0.6
@@ -361,7 +369,8 @@ def test_corrupt_images_and_truncated_shards_are_skipped_and_counted(
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2 + 100])
     s = ShardStream(stream(bad, resampled=False, num_workers=2))
     keys = [k for batch in s for k in batch["key"]]
-    assert s.stats["decode_errors"] >= 1 and s.stats["short_shards"] == 1
+    assert s.stats["decode_errors"] == 1 and s.stats["short_shards"] == 1
+    assert s.stats["shard_errors"] == 1  # the truncated payload
     assert "000000005" not in keys
     assert 1797 - 197 < len(keys) < 1797 - 1
     assert s.stats["samples"] == len(keys)
@@ -408,3 +417,22 @@ class FailAt(io.RawIOBase):
         data = self.fh.read(min(n, self.left))
         self.left -= len(data)
         return data
+
+
+def test_prefetch_reader_returns_every_byte_and_surfaces_errors() -> None:
+    payload = os.urandom(1_000_003)
+    reader = io.BufferedReader(PrefetchReader(io.BytesIO(payload), block_bytes=4096, depth=2))
+    assert reader.read() == payload and reader.read() == b""
+    reader.close()
+
+    broken = FailAt(io.BufferedReader(io.BytesIO(payload)), 10_000)
+    reader = io.BufferedReader(PrefetchReader(broken, block_bytes=4096))
+    with pytest.raises(ConnectionResetError):
+        reader.read()
+
+
+def test_unit_range_maps_0_and_255_to_the_ends() -> None:
+    x = torch.tensor([0, 1, 128, 254, 255], dtype=torch.uint8)
+    y = to_unit_range(x)
+    assert y.dtype == torch.float32 and y[0] == -1 and y[-1] == 1
+    torch.testing.assert_close(y, x.double().div(127.5).sub(1).float())

@@ -67,7 +67,8 @@ def test_round_trip_keeps_the_count_and_the_pixels(s3_digits: str) -> None:
     for index in (0, 17, 900, 1796):
         [(_, img, _)] = source.read({"start": index, "count": 1})
         expected = torch.from_numpy(np.array(prepare_image(img, RESOLUTION))).permute(2, 0, 1)
-        assert torch.equal(images[f"{index:09d}"], expected.float() / 127.5 - 1)
+        scaled = expected.float() * (2 / 255) - 1
+        assert torch.equal(images[f"{index:09d}"], scaled)
 
 
 def test_two_ranks_by_two_loaders_cover_the_epoch_from_s3(s3_digits: str) -> None:
@@ -117,3 +118,13 @@ def test_ray_train_workers_get_equal_batches(s3_digits: str, tmp_path: Path) -> 
     for r in ranks:
         assert r["images"] == r["samples"] == 2 * 7 * 40
         assert r["decode_errors"] == r["shard_errors"] == r["short_shards"] == 0
+
+
+def test_webdataset_itself_opens_s3_urls_after_registration(s3_digits: str) -> None:
+    import webdataset as wds
+
+    manifest = read_manifest(s3_digits)
+    url = s3_digits.replace("manifest.json", manifest.shards[0].name)
+    samples = list(wds.WebDataset(url, shardshuffle=False))
+    assert len(samples) == manifest.shards[0].count
+    assert {"png", "json", "cls"} <= samples[0].keys()
