@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DropAfter
 from PIL import Image
 
 from cmray.config import ConfigError
@@ -398,25 +399,11 @@ def test_retrying_reader_resumes_at_the_offset_after_a_transient_error(tmp_path:
         opened.append(offset)
         fh = open(tmp_path / "blob", "rb")  # noqa: SIM115 - the reader owns and closes it
         fh.seek(offset)
-        return FailAt(fh, failures.pop(0) - offset) if failures else fh
+        return DropAfter(fh, failures.pop(0) - offset) if failures else fh
 
     reader = io.BufferedReader(RetryingReader(open_at, retries=2, backoff_s=0), 64 * 1024)
     assert reader.read() == payload
     assert opened == [0, 100_000, 250_000]  # each reopen starts where the reset happened
-
-
-class FailAt(io.RawIOBase):
-    """A file whose connection "resets" after ``limit`` bytes, like a dropped S3 stream."""
-
-    def __init__(self, fh: io.BufferedReader, limit: int) -> None:
-        self.fh, self.left = fh, limit
-
-    def read(self, n: int = -1) -> bytes:
-        if self.left <= 0:
-            raise ConnectionResetError("connection reset by peer")
-        data = self.fh.read(min(n, self.left))
-        self.left -= len(data)
-        return data
 
 
 def test_prefetch_reader_returns_every_byte_and_surfaces_errors() -> None:
@@ -425,7 +412,7 @@ def test_prefetch_reader_returns_every_byte_and_surfaces_errors() -> None:
     assert reader.read() == payload and reader.read() == b""
     reader.close()
 
-    broken = FailAt(io.BufferedReader(io.BytesIO(payload)), 10_000)
+    broken = DropAfter(io.BufferedReader(io.BytesIO(payload)), 10_000)
     reader = io.BufferedReader(PrefetchReader(broken, block_bytes=4096))
     with pytest.raises(ConnectionResetError):
         reader.read()

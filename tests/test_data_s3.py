@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DropAfter
 
 from cmray.data.config import PrepareConfig, StreamConfig
 from cmray.data.manifest import read_manifest
@@ -95,20 +96,6 @@ def test_a_dropped_s3_connection_is_retried_at_the_offset(s3_digits: str) -> Non
     )
     assert reader.read() == fs.cat_file(path)
     assert len(retries) == 1 and isinstance(retries[0], ConnectionResetError)
-
-
-class DropAfter(io.RawIOBase):
-    """A real S3 stream whose connection resets after ``limit`` bytes."""
-
-    def __init__(self, fh, limit: int) -> None:
-        self.fh, self.left = fh, limit
-
-    def read(self, n: int = -1) -> bytes:
-        if self.left <= 0:
-            raise ConnectionResetError("connection reset by peer")
-        data = self.fh.read(min(n, self.left))
-        self.left -= len(data)
-        return data
 
 
 def test_ray_train_workers_get_equal_batches(s3_digits: str, tmp_path: Path) -> None:
