@@ -21,8 +21,9 @@ from helpers import DropAfter
 from PIL import Image
 
 from cmray.config import ConfigError
+from cmray.data import stream as stream_module
 from cmray.data.config import PrepareConfig, StreamConfig
-from cmray.data.manifest import read_manifest
+from cmray.data.manifest import read_manifest, shard_urls
 from cmray.data.prepare import prepare
 from cmray.data.preprocess import center_crop, encode_image, prepare_image, resize_short_side
 from cmray.data.sources import DigitsSource, FolderSource, LmdbSource, parse_source
@@ -423,3 +424,24 @@ def test_unit_range_maps_0_and_255_to_the_ends() -> None:
     y = to_unit_range(x)
     assert y.dtype == torch.float32 and y[0] == -1 and y[-1] == 1
     torch.testing.assert_close(y, x.double().div(127.5).sub(1).float())
+
+
+def test_stopping_mid_epoch_closes_the_look_ahead_shard(
+    digits32: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened = []
+    real_gopen = stream_module.gopen_module.gopen
+
+    def recording_gopen(url: str, **kw: object) -> io.BufferedReader:
+        opened.append(real_gopen(url, **kw))
+        return opened[-1]
+
+    monkeypatch.setattr(stream_module.gopen_module, "gopen", recording_gopen)
+    manifest = read_manifest(str(digits32))
+    urls = shard_urls(manifest, str(digits32 / "manifest.json"))
+    expected = {u: s.count for u, s in zip(urls, manifest.shards, strict=True)}
+    shards = stream_module._open_shards(iter(urls), expected, stream_module._Counters(), 0)
+    next(shards)
+    assert len(opened) == 2 and not any(f.closed for f in opened)  # current + look-ahead
+    shards.close()
+    assert all(f.closed for f in opened)

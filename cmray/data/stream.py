@@ -275,19 +275,23 @@ def _open_shards(
     urls: Iterator[str], expected: dict[str, int], counters: _Counters, retries: int
 ) -> Iterator[dict]:
     upcoming = _try_open(urls, counters, retries)
-    while upcoming is not None:
-        (url, stream), upcoming = upcoming, None
-        # Open the next shard before reading this one: a remote stream starts prefetching at
-        # once, so the next shard's first bytes arrive while this one is decoded.
-        upcoming = _try_open(urls, counters, retries)
-        counters.in_shard = 0
-        with stream:
-            yield {"url": url, "stream": stream}
-        # Resumed only once every sample of this shard has passed ``_raw_samples``. A truncated
-        # tar often ends without an error, so the manifest's count is what exposes it.
-        if counters.in_shard < expected[url]:
-            short = f"{url} gave {counters.in_shard} of {expected[url]} samples (truncated?)"
-            counters.skip("short_shards", ValueError(short))
+    try:
+        while upcoming is not None:
+            url, stream = upcoming
+            # Open the next shard before reading this one: a remote stream starts prefetching
+            # at once, so the next shard's first bytes arrive while this one is decoded.
+            upcoming = _try_open(urls, counters, retries)
+            counters.in_shard = 0
+            with stream:
+                yield {"url": url, "stream": stream}
+            # Resumed only once every sample of this shard has passed ``_raw_samples``. A
+            # truncated tar often ends without an error, so the manifest's count exposes it.
+            if counters.in_shard < expected[url]:
+                short = f"{url} gave {counters.in_shard} of {expected[url]} samples (truncated?)"
+                counters.skip("short_shards", ValueError(short))
+    finally:  # an epoch that stops early must not leave the look-ahead stream reading
+        if upcoming is not None:
+            upcoming[1].close()
 
 
 def tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
