@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -18,10 +19,10 @@ from cmray.data.sources import Source, parse_source
 from cmray.data.writer import (
     PROGRESS_DIR,
     Plan,
-    _check_finished,
-    _delete_dataset,
-    _finished_records,
+    check_finished,
     convert_shard,
+    delete_dataset,
+    finished_records,
     make_plan,
 )
 from cmray.storage import join_url, url_to_fs, write_bytes_atomic
@@ -56,11 +57,11 @@ def _convert_with_ray(
     cpus = _ray_init(cfg.workers)
     # OSError covers transient storage failures; a crashed worker process is retried anyway.
     task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(convert_shard)
-    source_ref, queue, running = ray.put(source), list(todo), []
+    source_ref, queue, running = ray.put(source), collections.deque(todo), []
     while queue or running:
         # A bounded window keeps the object store small when there are 100k shards to write.
         while queue and len(running) < 2 * cpus:
-            i = queue.pop(0)
+            i = queue.popleft()
             running.append(task.remote(source_ref, plan.chunks[i], plan.shard_name(i), cfg))
         ready, running = ray.wait(running, num_returns=1)
         yield ray.get(ready[0])
@@ -88,12 +89,12 @@ def _manifest(plan: Plan, cfg: PrepareConfig, records: dict[str, dict[str, Any]]
 
 def _start_or_resume(cfg: PrepareConfig, plan: Plan, log: Log) -> dict[str, dict[str, Any]]:
     if cfg.overwrite:
-        _delete_dataset(cfg)
-    done = _finished_records(cfg, plan)
+        delete_dataset(cfg)
+    done = finished_records(cfg, plan)
     if done:
         log(f"resuming: {len(done)} of {len(plan.chunks)} shards already written")
     else:
-        plan_json = {"fingerprint": plan.fingerprint, **{"settings": plan.settings}}
+        plan_json = {"fingerprint": plan.fingerprint, "settings": plan.settings}
         write_bytes_atomic(
             join_url(cfg.out, PROGRESS_DIR, "plan.json"), json.dumps(plan_json).encode("utf-8")
         )
@@ -104,7 +105,7 @@ def prepare(cfg: PrepareConfig, log: Log = print) -> Manifest:
     """Convert ``cfg.source`` into shards at ``cfg.out`` and return the written manifest."""
     source = parse_source(cfg.source)
     plan = make_plan(source, cfg)
-    finished = None if cfg.overwrite else _check_finished(cfg, plan)
+    finished = None if cfg.overwrite else check_finished(cfg, plan)
     if finished is not None:
         log(f"{cfg.out} already holds this dataset ({finished.count} images); nothing to do")
         return finished

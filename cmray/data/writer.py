@@ -20,7 +20,6 @@ import json
 import os
 import tarfile
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +42,6 @@ TAR_BLOCK = 512
 # Per sample: three members (image, json, cls), each a header block, the small two one block.
 TAR_OVERHEAD_BYTES = 5 * TAR_BLOCK
 PROBE_IMAGES = 16
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -173,13 +171,13 @@ def _dataset_files(cfg: PrepareConfig) -> list[str]:
     ]
 
 
-def _delete_dataset(cfg: PrepareConfig) -> None:
+def delete_dataset(cfg: PrepareConfig) -> None:
     fs, root = url_to_fs(cfg.out)
     for name in _dataset_files(cfg):
         fs.rm(f"{root.rstrip('/')}/{name}", recursive=True)
 
 
-def _finished_records(cfg: PrepareConfig, plan: Plan) -> dict[str, dict[str, Any]]:
+def finished_records(cfg: PrepareConfig, plan: Plan) -> dict[str, dict[str, Any]]:
     """Records of shards a previous run finished under this plan; refuses a different plan."""
     fs, root = url_to_fs(cfg.out)
     plan_path = f"{root.rstrip('/')}/{PROGRESS_DIR}/plan.json"
@@ -206,7 +204,7 @@ def _finished_records(cfg: PrepareConfig, plan: Plan) -> dict[str, dict[str, Any
     return records
 
 
-def _check_finished(cfg: PrepareConfig, plan: Plan) -> Manifest | None:
+def check_finished(cfg: PrepareConfig, plan: Plan) -> Manifest | None:
     """The finished dataset if ``out`` already holds this very plan's; refuses another one."""
     fs, path = url_to_fs(manifest_url(cfg.out))
     if not fs.exists(path):
