@@ -445,3 +445,17 @@ def test_stopping_mid_epoch_closes_the_look_ahead_shard(
     assert len(opened) == 2 and not any(f.closed for f in opened)  # current + look-ahead
     shards.close()
     assert all(f.closed for f in opened)
+
+
+@pytest.mark.parametrize(("loaders", "start"), [(0, 5), (2, 3), (2, 4), (3, 7)])
+def test_resuming_mid_epoch_yields_the_rest_of_that_epoch(
+    digits32: Path, loaders: int, start: int
+) -> None:
+    cfg = stream(digits32, resampled=True, num_workers=loaders, samples_per_epoch=512)
+    s = ShardStream(cfg, 1, 2)
+    s.set_epoch(2)
+    full = [(b["key"], b["image"]) for b in s]
+    s.set_epoch(2, start_batch=start)
+    rest = [(b["key"], b["image"]) for b in s]
+    assert [k for k, _ in rest] == [k for k, _ in full[start:]]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rest, full[start:], strict=True))

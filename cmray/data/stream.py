@@ -386,11 +386,13 @@ class ShardDataset(IterableDataset):
         world: int,
         epoch: int,
         batches: int | None,
+        skip: int = 0,
     ) -> None:
         super().__init__()
         self.cfg, self.manifest, self.urls = cfg, manifest, urls
         self.expected = {url: s.count for url, s in zip(urls, manifest.shards, strict=True)}
         self.rank, self.world, self.epoch, self.batches = rank, world, epoch, batches
+        self.skip = skip
 
     def _loader_batches(self, loader: int, loaders: int) -> int | None:
         if self.batches is None:
@@ -399,10 +401,12 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        loader, loaders = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, loaders = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader takes batches from its processes in turn, starting with process 0.
+        # Resuming after ``skip`` batches, process 0 must play the loader whose turn is next.
+        loader = (worker + self.skip) % loaders
         counters = _Counters()
-        batches = self._batches(loader, loaders, counters)
-        for batch in batches:
+        for batch in self._batches(loader, loaders, counters):
             yield dict(batch, stats=(loader, dict(counters.counts)))
         yield {"stats": (loader, dict(counters.counts))}  # counts seen after the last batch
 
@@ -429,9 +433,17 @@ class ShardDataset(IterableDataset):
         )
         flips = seeded_rng(cfg.seed, self.rank, self.epoch, loader, "flip")
         pixels, labels, keys, made = [], [], [], 0
+        skip = self.skip // loaders + (loader < self.skip % loaders)
         for sample in samples:
             try:
                 flip = cfg.flip and flips.random() < 0.5
+                if made < skip:  # resuming: pass over delivered batches without decoding them
+                    if m.extension not in sample:
+                        raise ValueError(f"sample {sample['__key__']} has no .{m.extension}")
+                    pixels.append(None)
+                    if len(pixels) == cfg.batch_size:
+                        pixels, made = [], made + 1
+                    continue
                 x, y = decode_sample(sample, m.extension, m.resolution, flip)
             except Exception as exc:  # any undecodable sample is skipped
                 counters.skip("decode_errors", exc)
@@ -478,7 +490,7 @@ class ShardStream:
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-        self.cfg, self.rank, self.world, self.epoch = cfg, rank, world_size, 0
+        self.cfg, self.rank, self.world, self.epoch, self.start_batch = cfg, rank, world_size, 0, 0
         self.device = torch.device(device)
         self.manifest = read_manifest(cfg.manifest)
         self.urls = shard_urls(self.manifest, manifest_url(cfg.manifest))
@@ -496,8 +508,15 @@ class ShardStream:
         self._done: dict[str, int] = {}
         self._epoch_stats: dict[int, dict[str, int]] = {}
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration yields ``epoch`` from its batch ``start_batch`` (for a resume).
+
+        Skipped batches are read but not decoded, so a resume is exact unless an undecodable
+        image falls in the skipped part (it is then counted as a sample, shifting by one).
+        """
+        if start_batch and self.batches is not None and not 0 <= start_batch < self.batches:
+            raise ValueError(f"start_batch {start_batch} is outside 0..{self.batches - 1}")
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
         if self.batches is None:
@@ -506,7 +525,7 @@ class ShardStream:
 
     def dataset(self) -> ShardDataset:
         """This epoch's loader-side dataset: uint8 batches plus per-loader fault counts."""
-        args = (self.rank, self.world, self.epoch, self.batches)
+        args = (self.rank, self.world, self.epoch, self.batches, self.start_batch)
         return ShardDataset(self.cfg, self.manifest, self.urls, *args)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
