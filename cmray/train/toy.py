@@ -17,7 +17,8 @@ from cmray.core.parametrization import ConsistencyFunction, Parametrization, Sco
 from cmray.core.solvers import Denoiser
 from cmray.data.toy import RingMixture
 from cmray.nets.toy_mlp import ToyMLP
-from cmray.train.toy_config import CDConfig, CTConfig, NetConfig, OptimConfig, Toy2DConfig
+from cmray.train.objectives import ct_curriculum, ct_indices
+from cmray.train.toy_config import CDConfig, NetConfig, OptimConfig, Toy2DConfig
 
 Log = Callable[[str], None]
 LossFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -166,13 +167,6 @@ def _boundary(
     return losses.boundary_loss(f, x0, z, cfg.noise.sigma_min).mean()
 
 
-def ct_curriculum(ct: CTConfig, k: int, K: int) -> tuple[int, float]:
-    """(N(k), mu(k)): paper Appendix C, or iCT's exponential N(k) with mu = 0."""
-    if ct.curriculum == "ict":
-        return schedules.ict_N(k, K, ct.s0, ct.s1), 0.0
-    return schedules.ct_schedule(k, K, ct.s0, ct.s1, ct.mu0, ct.mu_variant)
-
-
 def train_ct(
     cfg: Toy2DConfig, data: torch.Tensor, generator: torch.Generator, log: Log | None = None
 ) -> tuple[ConsistencyFunction, ConsistencyFunction]:
@@ -186,7 +180,7 @@ def train_ct(
     def loss_fn(step: int, x0: torch.Tensor) -> torch.Tensor:
         N, _ = ct_curriculum(ct, step, K)
         sigmas = time_grid(cfg, N)
-        n = _ct_indices(ct, sigmas, x0.shape[0], generator)
+        n = ct_indices(ct.curriculum, sigmas, x0.shape[0], generator)
         z = torch.randn(x0.shape, generator=generator)
         return losses.ct_loss(online, target, x0, z, n, sigmas, d, weighting).mean()
 
@@ -196,12 +190,3 @@ def train_ct(
 
     fit(online, loss_fn, data, ct.optim, generator, update_target, log, "ct")
     return online.eval(), target.eval()
-
-
-def _ct_indices(
-    ct: CTConfig, sigmas: torch.Tensor, batch: int, generator: torch.Generator
-) -> torch.Tensor:
-    if ct.curriculum == "ict":
-        probs = schedules.lognormal_index_probs(sigmas)
-        return schedules.sample_indices_from_probs(probs, batch, generator)
-    return schedules.sample_uniform_indices(sigmas.numel(), batch, generator)

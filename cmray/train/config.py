@@ -1,0 +1,160 @@
+"""Typed configuration of image training: CD, CT or an EDM teacher, on Ray Train or directly.
+
+``configs/*.yaml`` fill it; ``cmray config train --config FILE`` checks one without running it.
+Everything is validated when the config is built, before Ray or any data is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from cmray.config import ConfigError, param
+from cmray.data.config import StreamConfig
+from cmray.nets.unet import UNetConfig
+from cmray.train.toy_config import NoiseConfig
+
+
+@dataclass
+class CDConfig:
+    """Consistency distillation (paper Eq. 7, Algorithm 2) from an EDM teacher."""
+
+    teacher: str = param("", help="teacher checkpoint directory or URL (an EDM run's output)")
+    N: int = param(40, help="points on the Karras grid (LSUN: 40)", ge=2)
+    mu: float = param(0.95, help="target EMA rate (LSUN: 0.95)", ge=0, lt=1)
+    solver: Literal["euler", "heun"] = param("heun", help="teacher ODE step")
+
+
+@dataclass
+class CTConfig:
+    """Consistency training (paper Eq. 10, Algorithm 3) with an adaptive curriculum."""
+
+    curriculum: Literal["ct", "ict"] = param(
+        "ct", help="ct: paper Appendix C N(k), mu(k); ict: exponential N(k), mu = 0"
+    )
+    s0: int = param(2, help="initial discretisation (LSUN: 2)", ge=1)
+    s1: int = param(150, help="final discretisation (LSUN: 150)", ge=1)
+    mu0: float = param(0.95, help="EMA rate at k = 0", ge=0, lt=1)
+    mu_variant: Literal["official", "paper"] = param(
+        "official", help="official: mu divides by N - 1 (published runs); paper: by N"
+    )
+    K: int = param(0, help="curriculum length in steps (0: loop.steps)", ge=0)
+
+    def __post_init__(self) -> None:
+        if self.s1 < self.s0:
+            raise ConfigError(f"ct.s1 = {self.s1} must be >= ct.s0 = {self.s0}", key="ct.s1")
+
+
+@dataclass
+class EDMConfig:
+    """Training the EDM teacher (Karras et al. 2022, Table 1)."""
+
+    P_mean: float = param(-1.2, help="mean of ln sigma")
+    P_std: float = param(1.2, help="std of ln sigma", gt=0)
+
+
+@dataclass
+class ObjectiveConfig:
+    """What is learned and how its loss is measured."""
+
+    kind: Literal["cd", "ct", "edm"] = param("ct", help="cd, ct, or edm (teacher training)")
+    metric: Literal["l2", "l1", "lpips", "pseudo_huber"] = param("l2", help="distance d")
+    lpips_weights: str = param(
+        "", help="VGG16 backbone file path or URL for lpips ('' = the torch hub cache)"
+    )
+    weighting: Literal["uniform", "ict"] = param("uniform", help="lambda(t_n)")
+    sigma_data: float = param(0.5, help="data std in the scalings (Appendix C)", gt=0)
+    noise: NoiseConfig = param(default_factory=NoiseConfig, help="noise range and grid")
+    cd: CDConfig = param(default_factory=CDConfig, help="cd settings")
+    ct: CTConfig = param(default_factory=CTConfig, help="ct settings")
+    edm: EDMConfig = param(default_factory=EDMConfig, help="edm settings")
+
+    def __post_init__(self) -> None:
+        if self.kind == "cd" and not self.cd.teacher:
+            raise ConfigError(
+                "objective.cd.teacher is empty; cd needs a teacher checkpoint",
+                key="objective.cd.teacher",
+            )
+
+
+@dataclass
+class OptimConfig:
+    """The optimiser (reference: RAdam, no weight decay, constant learning rate)."""
+
+    name: Literal["radam", "adam"] = param("radam", help="radam (reference) or adam")
+    lr: float = param(5e-5, help="learning rate (LSUN: CD 1e-5, CT 5e-5)", gt=0)
+    weight_decay: float = param(0.0, help="weight decay", ge=0)
+    grad_clip: float = param(0.0, help="clip the gradient norm to this (0: no clipping)", ge=0)
+
+
+@dataclass
+class LoopConfig:
+    """Steps, precision and what happens every K steps."""
+
+    steps: int = param(1000, help="optimiser steps in the whole run", ge=1)
+    microbatches: int = param(
+        1, help="gradient accumulation: data.batch_size splits into these", ge=1
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = param(
+        "fp32", help="bf16 autocast, or fp16 autocast with loss scaling"
+    )
+    ema_rates: list[float] = param(
+        default_factory=lambda: [0.9999, 0.99994, 0.9999432189950708],
+        help="EMA copies kept for sampling (reference LSUN rates)",
+    )
+    seed: int = param(0, help="seed of weights, noise and data order", ge=0)
+    log_every: int = param(10, help="report metrics every K steps", ge=1)
+    checkpoint_every: int = param(500, help="save a checkpoint every K steps", ge=1)
+    sample_every: int = param(0, help="save a sample grid every K steps (0: at the end only)", ge=0)
+    sample_count: int = param(16, help="images in a sample grid", ge=1)
+    nonfinite_limit: int = param(
+        10, help="stop after this many consecutive steps with a NaN/inf loss or gradient", ge=1
+    )
+
+    def __post_init__(self) -> None:
+        bad = [r for r in self.ema_rates if not 0 <= r < 1]
+        if bad:
+            raise ConfigError(f"loop.ema_rates {bad} must be in [0, 1)", key="loop.ema_rates")
+
+
+@dataclass
+class RayConfig:
+    """Where and how the run executes."""
+
+    name: str = param("cmray", help="run name; the same name resumes the same run")
+    storage_path: str = param("runs/train", help="local directory or s3:// URL for checkpoints")
+    num_workers: int = param(2, help="Ray Train workers (one per GPU on GPU clusters)", ge=1)
+    use_gpu: bool = param(False, help="one GPU per worker")
+    cpus_per_worker: float = param(1.0, help="CPUs reserved per worker", gt=0)
+    max_failures: int = param(3, help="worker failures tolerated before the run fails", ge=-1)
+    keep_checkpoints: int = param(3, help="checkpoints kept (the newest)", ge=1)
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run."""
+
+    data: StreamConfig = param(default_factory=StreamConfig, help="the shard stream")
+    net: UNetConfig = param(default_factory=UNetConfig, help="the U-Net")
+    objective: ObjectiveConfig = param(default_factory=ObjectiveConfig, help="the loss")
+    optim: OptimConfig = param(default_factory=OptimConfig, help="the optimiser")
+    loop: LoopConfig = param(default_factory=LoopConfig, help="the loop")
+    run: RayConfig = param(default_factory=RayConfig, help="execution and storage")
+
+    def __post_init__(self) -> None:
+        if not self.data.manifest:
+            raise ConfigError(
+                "data.manifest is empty; give the dataset's manifest URL", key="data.manifest"
+            )
+        if self.data.batch_size % self.loop.microbatches:
+            raise ConfigError(
+                f"data.batch_size = {self.data.batch_size} does not split into "
+                f"loop.microbatches = {self.loop.microbatches}",
+                key="loop.microbatches",
+            )
+        if self.run.num_workers > 1 and not self.data.resampled:
+            raise ConfigError(
+                "data.resampled = false with several workers gives ranks unequal "
+                "batch counts, which hangs DDP; set data.resampled = true",
+                key="data.resampled",
+            )

@@ -1,0 +1,161 @@
+"""The three training objectives as step functions of (online, target, x0, k): pure PyTorch.
+
+Each draws its own noise from the generators it is given, so a run is a function of the seed,
+and derives its curriculum from the step k, so a resumed run needs no extra state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from cmray.core import losses, schedules
+from cmray.core.metrics import Metric
+from cmray.core.parametrization import Parametrization
+from cmray.train.config import CDConfig, CTConfig, EDMConfig
+from cmray.train.toy_config import NoiseConfig
+
+
+@dataclass
+class Generators:
+    """``index`` (CPU) draws grid indices and noise levels; ``noise`` draws z on the device."""
+
+    index: torch.Generator
+    noise: torch.Generator
+
+
+class Objective(Protocol):
+    def loss(
+        self, online: nn.Module, target: nn.Module | None, x0: torch.Tensor, k: int, gen: Generators
+    ) -> torch.Tensor: ...
+
+    def target_mu(self, k: int) -> float | None: ...
+
+    def schedule(self, k: int) -> dict[str, float]: ...
+
+
+class Curriculum(Protocol):
+    """The CT settings ``ct_curriculum`` reads (the image and the 2D configs both have them)."""
+
+    curriculum: str
+    s0: int
+    s1: int
+    mu0: float
+    mu_variant: schedules.MuVariant
+
+
+def ct_curriculum(ct: Curriculum, k: int, K: int) -> tuple[int, float]:
+    """(N(k), mu(k)): paper Appendix C, or iCT's exponential N(k) with mu = 0."""
+    if ct.curriculum == "ict":
+        return schedules.ict_N(k, K, ct.s0, ct.s1), 0.0
+    return schedules.ct_schedule(k, K, ct.s0, ct.s1, ct.mu0, ct.mu_variant)
+
+
+def ct_indices(
+    curriculum: str, sigmas: torch.Tensor, batch: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Interval indices n: uniform (Algorithm 3), or iCT's discretised lognormal."""
+    if curriculum == "ict":
+        probs = schedules.lognormal_index_probs(sigmas)
+        return schedules.sample_indices_from_probs(probs, batch, generator)
+    return schedules.sample_uniform_indices(sigmas.numel(), batch, generator)
+
+
+def karras_grid(noise: NoiseConfig, N: int) -> torch.Tensor:
+    return schedules.karras_sigmas(N, noise.sigma_min, noise.sigma_max, noise.rho)
+
+
+def draw_z(x0: torch.Tensor, gen: Generators) -> torch.Tensor:
+    return torch.randn(x0.shape, generator=gen.noise, device=x0.device, dtype=x0.dtype)
+
+
+@dataclass
+class CDObjective:
+    """Paper Algorithm 2: a fixed grid of N points, fixed mu, one teacher ODE step."""
+
+    cfg: CDConfig
+    noise: NoiseConfig
+    teacher: nn.Module
+    metric: Metric
+    weighting: losses.Weighting = losses.lambda_uniform
+
+    def loss(
+        self, online: nn.Module, target: nn.Module | None, x0: torch.Tensor, k: int, gen: Generators
+    ) -> torch.Tensor:
+        sigmas = karras_grid(self.noise, self.cfg.N)
+        n = schedules.sample_uniform_indices(self.cfg.N, x0.shape[0], gen.index)
+        return losses.cd_loss(
+            online,
+            target,
+            self.teacher,
+            x0,
+            draw_z(x0, gen),
+            n,
+            sigmas,
+            self.metric,
+            self.cfg.solver,
+            self.weighting,
+        )
+
+    def target_mu(self, k: int) -> float | None:
+        return self.cfg.mu
+
+    def schedule(self, k: int) -> dict[str, float]:
+        return {"N": self.cfg.N, "mu": self.cfg.mu}
+
+
+@dataclass
+class CTObjective:
+    """Paper Algorithm 3 with N(k), mu(k) from Appendix C (or iCT's curriculum)."""
+
+    cfg: CTConfig
+    noise: NoiseConfig
+    K: int
+    metric: Metric
+    weighting: losses.Weighting = losses.lambda_uniform
+
+    def loss(
+        self, online: nn.Module, target: nn.Module | None, x0: torch.Tensor, k: int, gen: Generators
+    ) -> torch.Tensor:
+        N, _ = ct_curriculum(self.cfg, k, self.K)
+        sigmas = karras_grid(self.noise, N)
+        n = ct_indices(self.cfg.curriculum, sigmas, x0.shape[0], gen.index)
+        return losses.ct_loss(
+            online, target, x0, draw_z(x0, gen), n, sigmas, self.metric, self.weighting
+        )
+
+    def target_mu(self, k: int) -> float | None:
+        return ct_curriculum(self.cfg, k, self.K)[1]
+
+    def schedule(self, k: int) -> dict[str, float]:
+        N, mu = ct_curriculum(self.cfg, k, self.K)
+        return {"N": N, "mu": mu}
+
+
+@dataclass
+class EDMObjective:
+    """EDM teacher training (Karras et al. 2022, Eq. 2 and Table 1); no target network."""
+
+    cfg: EDMConfig
+    sigma_data: float
+
+    def loss(
+        self, online: nn.Module, target: nn.Module | None, x0: torch.Tensor, k: int, gen: Generators
+    ) -> torch.Tensor:
+        sigma = losses.edm_sigma(x0.shape[0], self.cfg.P_mean, self.cfg.P_std, gen.index)
+        return losses.edm_loss(online, x0, sigma, draw_z(x0, gen), self.sigma_data)
+
+    def target_mu(self, k: int) -> float | None:
+        return None
+
+    def schedule(self, k: int) -> dict[str, float]:
+        return {}
+
+
+def parametrization(kind: str, noise: NoiseConfig, sigma_data: float) -> Parametrization:
+    """Appendix C scalings for f_theta; sigma_min = 0 gives the EDM denoiser D (teacher)."""
+    sigma_min = 0.0 if kind == "edm" else noise.sigma_min
+    return Parametrization("edm", sigma_data, sigma_min, noise.sigma_max)

@@ -1,0 +1,184 @@
+"""Everything a run needs to continue, and its one save/load pair (edm2's ``CheckpointIO`` idea).
+
+A checkpoint is a directory:
+
+    state.pt             rank 0: online, target, EMA copies, optimizer, loss scaler, step, config
+    rng-rank<r>.pt       each rank: CPU/CUDA generator states and the run's own generators
+    complete-rank<r>.json  each rank, written after its files: their names and byte sizes
+
+It is complete only when every rank's marker is present and every file it lists has the listed
+size, so an upload cut short is never loaded. Files hold tensors and plain containers only,
+and are read with ``torch.load(weights_only=True)``. The data position is not stored: it is a
+function of the step (``data_position``), as the shuffle order is of (seed, rank, epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cmray.core.ema import EMABank
+from cmray.storage import local_temp_beside
+
+STATE_FILE = "state.pt"
+CHECKPOINT_DIR = re.compile(r"^step-(\d{9})$")
+
+
+class IncompleteCheckpointError(RuntimeError):
+    """A checkpoint directory without every completion marker, or with a file cut short."""
+
+
+@dataclass
+class TrainState:
+    """The online net, its target, EMA copies, optimizer and step, plus this rank's generators."""
+
+    online: nn.Module
+    target: nn.Module | None
+    ema: EMABank
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    generators: dict[str, torch.Generator]
+    step: int = 0
+    skipped_steps: int = 0
+    nonfinite_run: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def shared_state(self) -> dict[str, Any]:
+        """What every rank holds identically; rank 0 saves it."""
+        return {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_run": self.nonfinite_run,
+            "online": unwrap(self.online).state_dict(),
+            "target": None if self.target is None else self.target.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "config": self.config,
+        }
+
+    def rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: the generators that draw noise, dropout and indices."""
+        cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": cuda,
+            "python": random.getstate(),
+            "generators": {k: g.get_state() for k, g in self.generators.items()},
+        }
+
+    def load_shared(self, data: dict[str, Any]) -> None:
+        unwrap(self.online).load_state_dict(data["online"])
+        if self.target is not None:
+            self.target.load_state_dict(data["target"])
+        self.ema.load_state_dict(data["ema"])
+        self.optimizer.load_state_dict(data["optimizer"])
+        if self.scaler is not None and data["scaler"] is not None:
+            self.scaler.load_state_dict(data["scaler"])
+        self.step, self.skipped_steps = data["step"], data["skipped_steps"]
+        self.nonfinite_run = data["nonfinite_run"]
+
+    def load_rank(self, data: dict[str, Any]) -> None:
+        torch.set_rng_state(data["torch"])
+        for i, state in enumerate(data["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)
+        random.setstate(_as_random_state(data["python"]))
+        for key, state in data["generators"].items():
+            self.generators[key].set_state(state)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return module.module if hasattr(module, "module") else module
+
+
+def _as_random_state(state: Any) -> tuple:
+    # torch.load gives lists back where random.getstate() had tuples.
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def data_position(step: int, batches_per_epoch: int) -> tuple[int, int]:
+    """(epoch, batch within it) where the stream stands after ``step`` steps, one batch each."""
+    return step // batches_per_epoch, step % batches_per_epoch
+
+
+# --------------------------------------------------------------------------------- files
+
+
+def _save(obj: Any, path: Path) -> int:
+    with local_temp_beside(path) as tmp:
+        torch.save(obj, tmp)
+    return path.stat().st_size
+
+
+def save_checkpoint(
+    state: TrainState, directory: str | os.PathLike[str], rank: int, world_size: int
+) -> Path:
+    """Write this rank's part of a checkpoint; the marker goes last."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {}
+    if rank == 0:
+        files[STATE_FILE] = _save(state.shared_state(), directory / STATE_FILE)
+    files[f"rng-rank{rank}.pt"] = _save(state.rank_state(), directory / f"rng-rank{rank}.pt")
+    marker = {"step": state.step, "rank": rank, "world_size": world_size, "files": files}
+    with local_temp_beside(directory / f"complete-rank{rank}.json") as tmp:
+        Path(tmp).write_text(json.dumps(marker))
+    return directory
+
+
+def verify_checkpoint(directory: str | os.PathLike[str]) -> int:
+    """The checkpoint's step if it is complete; ``IncompleteCheckpointError`` otherwise."""
+    directory = Path(directory)
+    first = directory / "complete-rank0.json"
+    if not first.is_file():
+        raise IncompleteCheckpointError(f"{directory} has no completion marker; not loading it")
+    world = json.loads(first.read_text())["world_size"]
+    for rank in range(world):
+        marker_path = directory / f"complete-rank{rank}.json"
+        if not marker_path.is_file():
+            raise IncompleteCheckpointError(f"{directory} lacks rank {rank}'s marker")
+        for name, size in json.loads(marker_path.read_text())["files"].items():
+            path = directory / name
+            if not path.is_file() or path.stat().st_size != size:
+                raise IncompleteCheckpointError(f"{path} is missing or not {size} bytes")
+    return json.loads(first.read_text())["step"]
+
+
+def load_checkpoint(state: TrainState, directory: str | os.PathLike[str], rank: int) -> int:
+    """Restore ``state`` from a complete checkpoint; returns its step."""
+    directory = Path(directory)
+    step = verify_checkpoint(directory)
+    state.load_shared(torch.load(directory / STATE_FILE, weights_only=True, map_location="cpu"))
+    rng_file = directory / f"rng-rank{rank}.pt"
+    if rng_file.is_file():  # absent when resuming on more ranks than saved: fresh generators
+        state.load_rank(torch.load(rng_file, weights_only=True))
+    return step
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
+    """The newest complete ``step-*`` directory under ``root``; incomplete ones are passed over."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.iterdir() if CHECKPOINT_DIR.match(p.name)), reverse=True)
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+            return path
+        except IncompleteCheckpointError:
+            continue
+    return None

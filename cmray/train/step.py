@@ -1,0 +1,113 @@
+"""One optimiser step: microbatches, mixed precision, clipping, the NaN guard, target and EMA.
+
+No Ray here: the same function runs under Ray Train, in tests and in benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from cmray.core.ema import ema_update_
+from cmray.train.config import LoopConfig, OptimConfig
+from cmray.train.objectives import Generators, Objective
+from cmray.train.state import TrainState, unwrap
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a NaN/inf loss or gradient."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    finite: bool
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision not in AUTOCAST:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST[precision])
+
+
+def _no_sync(model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    # DDP all-reduces on every backward; accumulating microbatches only needs the last one.
+    if last or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def _accumulate(
+    state: TrainState, objective: Objective, x0: torch.Tensor, loop: LoopConfig, gen: Generators
+) -> float:
+    """Forward and backward over the microbatches; the mean loss over the whole batch."""
+    chunks = x0.chunk(loop.microbatches)
+    total = 0.0
+    for i, chunk in enumerate(chunks):
+        with _no_sync(state.online, i == len(chunks) - 1):
+            with _autocast(loop.precision, x0.device):
+                loss = objective.loss(state.online, state.target, chunk, state.step, gen).mean()
+            scaled = loss / len(chunks)
+            (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
+        total += loss.detach().float().item() / len(chunks)
+    return total
+
+
+def _grad_norm(state: TrainState, clip: float) -> float:
+    if state.scaler is not None:
+        state.scaler.unscale_(state.optimizer)
+    params = [p for p in state.online.parameters() if p.grad is not None]
+    max_norm = clip if clip > 0 else math.inf
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def train_step(
+    state: TrainState,
+    objective: Objective,
+    x0: torch.Tensor,
+    loop: LoopConfig,
+    optim: OptimConfig,
+    gen: Generators,
+) -> StepResult:
+    """Algorithm 2/3 lines 4-9 for one batch: update theta, then theta- and the EMA copies.
+
+    A step whose loss or gradient is not finite changes nothing but the counters, and
+    ``loop.nonfinite_limit`` of them in a row raise ``NonFiniteLossError``.
+    """
+    state.optimizer.zero_grad(set_to_none=True)
+    loss = _accumulate(state, objective, x0, loop, gen)
+    grad_norm = _grad_norm(state, optim.grad_clip)
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:
+        if state.scaler is not None:
+            state.scaler.step(state.optimizer)
+        else:
+            state.optimizer.step()
+        _update_copies(state, objective.target_mu(state.step))
+        state.nonfinite_run = 0
+    else:
+        state.skipped_steps += 1
+        state.nonfinite_run += 1
+        if state.nonfinite_run >= loop.nonfinite_limit:
+            raise NonFiniteLossError(
+                f"{state.nonfinite_run} steps in a row had a non-finite loss or gradient (last "
+                f"loss {loss}, step {state.step}); lower optim.lr or use loop.precision=bf16"
+            )
+    if state.scaler is not None:
+        state.scaler.update()  # fp16 loss scaling backs off after an overflow
+    state.step += 1
+    return StepResult(loss, grad_norm, finite)
+
+
+@torch.no_grad()
+def _update_copies(state: TrainState, mu: float | None) -> None:
+    online = unwrap(state.online)
+    if mu is not None and state.target is not None:
+        ema_update_(state.target, online, mu)
+    state.ema.update_(online)
