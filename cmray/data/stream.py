@@ -537,6 +537,9 @@ class ShardStream:
             num_workers=workers,
             prefetch_factor=4 if workers else None,
             pin_memory=self.device.type == "cuda",
+            # A DataLoader draws worker seeds from the global torch RNG unless given its own;
+            # that draw would shift the training step's dropout masks after a resume.
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
         self._epoch_stats = {}
         try:

@@ -48,7 +48,11 @@ class Curriculum(Protocol):
 
 
 def ct_curriculum(ct: Curriculum, k: int, K: int) -> tuple[int, float]:
-    """(N(k), mu(k)): paper Appendix C, or iCT's exponential N(k) with mu = 0."""
+    """(N(k), mu(k)): paper Appendix C, or iCT's exponential N(k) with mu = 0.
+
+    Past K the curriculum stays at its final value rather than extrapolating beyond s1.
+    """
+    k = min(k, K)
     if ct.curriculum == "ict":
         return schedules.ict_N(k, K, ct.s0, ct.s1), 0.0
     return schedules.ct_schedule(k, K, ct.s0, ct.s1, ct.mu0, ct.mu_variant)

@@ -1,0 +1,234 @@
+"""Build a trainer from a config and run its loop; no Ray in this file.
+
+``cmray.train.worker`` runs the same loop inside Ray Train workers (DDP, reports, checkpoints
+in Ray's storage); ``run_local`` runs it in this process with checkpoints under a directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cmray.config import to_dict
+from cmray.core import losses
+from cmray.core.ema import EMABank, frozen_copy
+from cmray.core.metrics import get_metric
+from cmray.core.parametrization import ConsistencyFunction
+from cmray.core.sampling import sample_onestep
+from cmray.data.stream import ShardStream
+from cmray.nets.unet import UNet
+from cmray.train import state as ckpt
+from cmray.train.config import TrainConfig
+from cmray.train.objectives import (
+    CDObjective,
+    CTObjective,
+    EDMObjective,
+    Generators,
+    Objective,
+    parametrization,
+)
+from cmray.train.state import TrainState, data_position, unwrap
+from cmray.train.step import train_step
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Trainer:
+    cfg: TrainConfig
+    state: TrainState
+    objective: Objective
+    gen: Generators
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+
+def rank_seed(seed: int, rank: int, purpose: str) -> int:
+    """A 63-bit seed for (seed, rank, purpose), so ranks draw independent noise."""
+    digest = hashlib.sha256(f"{seed}/{rank}/{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def make_generators(seed: int, rank: int, device: torch.device) -> dict[str, torch.Generator]:
+    index = torch.Generator().manual_seed(rank_seed(seed, rank, "index"))
+    noise = torch.Generator(device=device).manual_seed(rank_seed(seed, rank, "noise"))
+    return {"index": index, "noise": noise}
+
+
+def build_net(cfg: TrainConfig, kind: str | None = None) -> ConsistencyFunction:
+    """f_theta (Eq. 5) around the U-Net, or the EDM denoiser D for kind "edm"."""
+    obj = cfg.objective
+    return ConsistencyFunction(
+        UNet(cfg.net), parametrization(kind or obj.kind, obj.noise, obj.sigma_data)
+    )
+
+
+def make_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    optim = cfg.optim
+    cls = torch.optim.RAdam if optim.name == "radam" else torch.optim.Adam
+    return cls(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def load_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The EDM denoiser from a teacher run's checkpoint: its first EMA copy, frozen."""
+    from cmray.storage import url_to_fs
+
+    source = cfg.objective.cd.teacher
+    fs, path = url_to_fs(source.rstrip("/") + "/" + ckpt.STATE_FILE)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no teacher checkpoint at {source} (looked for {path})")
+    with fs.open(path, "rb") as fh:
+        data = torch.load(fh, weights_only=True, map_location="cpu")
+    teacher = build_net(cfg, "edm")
+    ema = EMABank(teacher, data["config"]["loop"]["ema_rates"])
+    ema.load_state_dict(data["ema"])
+    return frozen_copy(ema.copies[0] if ema.rates else teacher).to(device).eval()
+
+
+def make_objective(cfg: TrainConfig, device: torch.device) -> Objective:
+    obj = cfg.objective
+    if obj.kind == "edm":
+        return EDMObjective(obj.edm, obj.sigma_data)
+    lpips = None
+    if obj.metric == "lpips":
+        from cmray.weights import load_lpips
+
+        lpips = load_lpips("vgg", obj.lpips_weights or None).to(device)
+    metric, weighting = get_metric(obj.metric, lpips), losses.LAMBDAS[obj.weighting]
+    if obj.kind == "cd":
+        return CDObjective(obj.cd, obj.noise, load_teacher(cfg, device), metric, weighting)
+    K = obj.ct.K or cfg.loop.steps
+    return CTObjective(obj.ct, obj.noise, K, metric, weighting)
+
+
+def build_trainer(
+    cfg: TrainConfig,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+) -> Trainer:
+    """Fresh state; every rank builds the same initial weights from ``loop.seed``."""
+    torch.manual_seed(cfg.loop.seed)
+    online = build_net(cfg).to(device)
+    target = None if cfg.objective.kind == "edm" else frozen_copy(online)
+    ema = EMABank(online, cfg.loop.ema_rates)
+    online = wrap(online)
+    scaler = torch.amp.GradScaler(device.type) if cfg.loop.precision == "fp16" else None
+    gens = make_generators(cfg.loop.seed, rank, device)
+    state = TrainState(
+        online,
+        target,
+        ema,
+        make_optimizer(cfg, online.parameters()),
+        scaler,
+        gens,
+        config=to_dict(cfg),
+    )
+    # The step's global RNG draws (dropout) also differ per rank.
+    torch.manual_seed(rank_seed(cfg.loop.seed, rank, "torch"))
+    objective = make_objective(cfg, device)
+    return Trainer(cfg, state, objective, Generators(**gens), device, rank, world_size)
+
+
+@torch.no_grad()
+def sample_grid(trainer: Trainer, count: int, seed: int = 0) -> torch.Tensor:
+    """One-step samples from the first EMA copy (Algorithm 1 with one step), in [-1, 1]."""
+    state, cfg = trainer.state, trainer.cfg
+    model = state.ema.copies[0] if state.ema.rates else unwrap(state.online)
+    shape = (count, cfg.net.in_channels, cfg.net.resolution, cfg.net.resolution)
+    g = torch.Generator(device=trainer.device).manual_seed(seed)
+    z = torch.randn(shape, generator=g, device=trainer.device)
+    was_training = model.training
+    model.eval()
+    x = sample_onestep(model, z, cfg.objective.noise.sigma_max).x.clamp(-1, 1)
+    model.train(was_training)
+    return x
+
+
+# ----------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class Hooks:
+    """What the loop calls; Ray Train's worker and ``run_local`` each supply their own."""
+
+    report: Callable[[dict[str, float], bool], None]  # metrics, and whether to checkpoint
+    sample: Callable[[int, torch.Tensor], None] | None = None
+
+
+def _metrics(trainer: Trainer, result: Any, seconds: float, stream: ShardStream) -> dict:
+    cfg, state = trainer.cfg, trainer.state
+    images = cfg.data.batch_size * trainer.world_size
+    return {
+        "step": state.step,
+        "loss": result.loss,
+        "grad_norm": result.grad_norm,
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "images_per_s": images / max(seconds, 1e-9),
+        "skipped_steps": state.skipped_steps,
+        **{k: float(v) for k, v in trainer.objective.schedule(state.step - 1).items()},
+        **{f"data_{k}": float(v) for k, v in stream.stats.items()},
+    }
+
+
+def run_loop(trainer: Trainer, stream: ShardStream, hooks: Hooks) -> None:
+    """Steps from ``state.step`` to ``loop.steps``, resuming the stream where the step says."""
+    cfg, state = trainer.cfg, trainer.state
+    loop, batches = cfg.loop, len(stream)
+    while state.step < loop.steps:
+        epoch, start = data_position(state.step, batches)
+        stream.set_epoch(epoch, start)
+        tick = time.perf_counter()
+        for batch in stream:
+            x0 = batch["image"].to(trainer.device, non_blocking=True)
+            result = train_step(state, trainer.objective, x0, loop, cfg.optim, trainer.gen)
+            done = state.step >= loop.steps
+            save = state.step % loop.checkpoint_every == 0 or done
+            if state.step % loop.log_every == 0 or save:
+                hooks.report(_metrics(trainer, result, time.perf_counter() - tick, stream), save)
+            every = loop.sample_every
+            if hooks.sample is not None and ((every and state.step % every == 0) or done):
+                hooks.sample(state.step, sample_grid(trainer, loop.sample_count))
+            tick = time.perf_counter()
+            if done:
+                return
+
+
+# ------------------------------------------------------------------------ one process, no Ray
+
+
+def run_local(
+    cfg: TrainConfig,
+    out: str | Path,
+    log: Log = print,
+    device: str = "cpu",
+    on_metrics: Callable[[dict[str, float]], None] | None = None,
+) -> Trainer:
+    """Train in this process; checkpoints under ``out/checkpoints``, resuming from the newest."""
+    out = Path(out)
+    trainer = build_trainer(cfg, torch.device(device))
+    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    if latest is not None:
+        ckpt.load_checkpoint(trainer.state, latest, rank=0)
+        log(f"resumed from {latest} at step {trainer.state.step}")
+    stream = ShardStream(cfg.data, 0, 1, device=device)
+
+    def report(metrics: dict[str, float], save: bool) -> None:
+        log(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if on_metrics is not None:
+            on_metrics(metrics)
+        if save:
+            path = out / "checkpoints" / ckpt.checkpoint_name(trainer.state.step)
+            ckpt.save_checkpoint(trainer.state, path, rank=0, world_size=1)
+
+    run_loop(trainer, stream, Hooks(report))
+    return trainer

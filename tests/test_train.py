@@ -1,0 +1,144 @@
+"""The training machinery without Ray: checkpoints, exact resume, the NaN guard, precision."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cmray.config import from_dict
+from cmray.data.config import PrepareConfig
+from cmray.data.prepare import prepare
+from cmray.train import state as ckpt
+from cmray.train.config import TrainConfig
+from cmray.train.loop import build_trainer, run_local
+from cmray.train.step import NonFiniteLossError, train_step
+
+
+@pytest.fixture(scope="module")
+def digits16(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("d16")
+    prepare(
+        PrepareConfig(source="digits", out=str(out), resolution=16, shard_count=300, workers=-1),
+        log=lambda _: None,
+    )
+    return str(out)
+
+
+def tiny_config(manifest: str, **loop: object) -> TrainConfig:
+    return from_dict(
+        TrainConfig,
+        {
+            "data": {
+                "manifest": manifest,
+                "batch_size": 8,
+                "num_workers": 0,
+                "shuffle_buffer": 64,
+                "samples_per_epoch": 64,
+            },
+            "net": {
+                "resolution": 16,
+                "model_channels": 32,
+                "channel_mult": [1, 2],
+                "attention_resolutions": [8],
+                "num_res_blocks": 1,
+                "dropout": 0.1,
+                "num_head_channels": 32,
+            },
+            "objective": {"kind": "ct", "ct": {"K": 12}},
+            "loop": {
+                "steps": 12,
+                "checkpoint_every": 3,
+                "log_every": 1,
+                "ema_rates": [0.9],
+                **loop,
+            },
+            "run": {"num_workers": 1},
+        },
+    )
+
+
+class CrashError(Exception):
+    """Stands in for a worker dying right after a step."""
+
+
+def losses_of(cfg: TrainConfig, out: Path, crash_at: int | None = None) -> dict[int, float]:
+    seen: dict[int, float] = {}
+
+    def record(metrics: dict[str, float]) -> None:
+        seen[int(metrics["step"])] = metrics["loss"]
+        if metrics["step"] == crash_at:
+            raise CrashError
+
+    with contextlib.suppress(CrashError):
+        run_local(cfg, out, log=lambda _: None, on_metrics=record)
+    return seen
+
+
+def test_resume_equals_uninterrupted_bit_for_bit(digits16: str, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = tiny_config(digits16)  # 8 batches per epoch, so the resumed part crosses an epoch
+    straight = losses_of(cfg, tmp_path / "straight")
+    before = losses_of(cfg, tmp_path / "resumed", crash_at=5)
+    assert max(before) == 5 and ckpt.latest_checkpoint(tmp_path / "resumed" / "checkpoints")
+    after = losses_of(cfg, tmp_path / "resumed")
+    assert sorted(after) == list(range(4, 13))  # resumed from the step-3 checkpoint
+    assert all(after[k] == straight[k] for k in after), (after, straight)
+    assert len(set(straight.values())) == 12
+
+
+def test_a_checkpoint_without_its_markers_is_never_loaded(digits16: str, tmp_path: Path) -> None:
+    cfg = tiny_config(digits16, steps=6)
+    run_local(cfg, tmp_path, log=lambda _: None)
+    root = tmp_path / "checkpoints"
+    assert ckpt.latest_checkpoint(root).name == "step-000000006"
+    (root / "step-000000006" / "complete-rank0.json").unlink()
+    assert ckpt.latest_checkpoint(root).name == "step-000000003"
+    trainer = build_trainer(cfg, torch.device("cpu"))
+    with pytest.raises(ckpt.IncompleteCheckpointError, match="no completion marker"):
+        ckpt.load_checkpoint(trainer.state, root / "step-000000006", rank=0)
+    state_file = root / "step-000000003" / ckpt.STATE_FILE
+    state_file.write_bytes(state_file.read_bytes()[:-10])  # an upload cut short
+    with pytest.raises(ckpt.IncompleteCheckpointError, match=r"not \d+ bytes"):
+        ckpt.verify_checkpoint(root / "step-000000003")
+    assert ckpt.latest_checkpoint(root) is None
+    shutil.rmtree(root)
+
+
+def test_nonfinite_steps_change_nothing_and_stop_the_run(digits16: str) -> None:
+    cfg = tiny_config(digits16, nonfinite_limit=3)
+    trainer = build_trainer(cfg, torch.device("cpu"))
+    state = trainer.state
+    before = copy.deepcopy(state.online.state_dict())
+    x0 = torch.full((8, 3, 16, 16), float("nan"))
+    for _ in range(2):
+        result = train_step(state, trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen)
+        assert not result.finite
+    assert state.skipped_steps == 2
+    assert all(torch.equal(before[k], v) for k, v in state.online.state_dict().items())
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+        train_step(state, trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_are_finite_and_learn(digits16: str, precision: str) -> None:
+    cfg = tiny_config(digits16, precision=precision)
+    trainer = build_trainer(cfg, torch.device("cpu"))
+    x0 = torch.rand(8, 3, 16, 16) * 2 - 1
+    results = [
+        train_step(trainer.state, trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen)
+        for _ in range(3)
+    ]
+    assert all(r.finite for r in results) and trainer.state.step == 3
+
+
+def test_microbatches_accumulate_into_one_step(digits16: str) -> None:
+    cfg = tiny_config(digits16, microbatches=4)
+    trainer = build_trainer(cfg, torch.device("cpu"))
+    x0 = torch.rand(8, 3, 16, 16) * 2 - 1
+    result = train_step(trainer.state, trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen)
+    assert result.finite and trainer.state.step == 1
