@@ -62,3 +62,17 @@ def ray_cluster(s3_endpoint: str) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits16(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The bundled digits as 16x16 shards, the training tests' small real image set."""
+    from cmray.data.config import PrepareConfig
+    from cmray.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("d16")
+    prepare(
+        PrepareConfig(source="digits", out=str(out), resolution=16, shard_count=300, workers=-1),
+        log=lambda _: None,
+    )
+    return str(out)

@@ -11,22 +11,10 @@ import pytest
 import torch
 
 from cmray.config import from_dict
-from cmray.data.config import PrepareConfig
-from cmray.data.prepare import prepare
 from cmray.train import state as ckpt
 from cmray.train.config import TrainConfig
 from cmray.train.loop import build_trainer, run_local
 from cmray.train.step import NonFiniteLossError, train_step
-
-
-@pytest.fixture(scope="module")
-def digits16(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = tmp_path_factory.mktemp("d16")
-    prepare(
-        PrepareConfig(source="digits", out=str(out), resolution=16, shard_count=300, workers=-1),
-        log=lambda _: None,
-    )
-    return str(out)
 
 
 def tiny_config(manifest: str, **loop: object) -> TrainConfig:

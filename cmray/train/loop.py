@@ -193,11 +193,11 @@ def run_loop(trainer: Trainer, stream: ShardStream, hooks: Hooks) -> None:
             result = train_step(state, trainer.objective, x0, loop, cfg.optim, trainer.gen)
             done = state.step >= loop.steps
             save = state.step % loop.checkpoint_every == 0 or done
-            if state.step % loop.log_every == 0 or save:
-                hooks.report(_metrics(trainer, result, time.perf_counter() - tick, stream), save)
             every = loop.sample_every
             if hooks.sample is not None and ((every and state.step % every == 0) or done):
                 hooks.sample(state.step, sample_grid(trainer, loop.sample_count))
+            if state.step % loop.log_every == 0 or save:
+                hooks.report(_metrics(trainer, result, time.perf_counter() - tick, stream), save)
             tick = time.perf_counter()
             if done:
                 return

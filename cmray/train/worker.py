@@ -1,0 +1,135 @@
+"""The loop on Ray Train: DDP workers, shards split by rank, reports and checkpoints in storage.
+
+Re-running with the same ``run.name`` and ``run.storage_path`` continues from the newest
+checkpoint (Ray Train restores its checkpoint list from storage); a worker that dies is
+restarted by Ray, up to ``run.max_failures`` times, and continues from the same place.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cmray.config import from_dict, to_dict
+from cmray.data.stream import ShardStream
+from cmray.train import state as ckpt
+from cmray.train.config import TrainConfig
+from cmray.train.loop import Hooks, Trainer, build_trainer, run_loop
+
+SAMPLE_FILE = "samples.png"
+# Chaos testing: the worker of rank 0 kills its own process once, after this step, so a cluster's
+# (or a test's) recovery path can be exercised on demand. The file records that it happened.
+FAULT_STEP_ENV, FAULT_ONCE_ENV = "CMRAY_KILL_AT_STEP", "CMRAY_KILL_ONCE_FILE"
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike[str]) -> None:
+    """[-1, 1] images as one PNG grid."""
+    from torchvision.utils import save_image
+
+    save_image(images.add(1).div(2).clamp(0, 1), path, nrow=max(1, int(len(images) ** 0.5)))
+
+
+def _resume(trainer: Trainer) -> None:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            step = ckpt.load_checkpoint(trainer.state, directory, trainer.rank)
+        print(f"rank {trainer.rank}: resumed at step {step}", flush=True)
+
+
+def _report(trainer: Trainer, metrics: dict[str, float], save: bool, grid: list) -> None:
+    import ray.train
+
+    if not save:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt.save_checkpoint(trainer.state, tmp, trainer.rank, trainer.world_size)
+        if trainer.rank == 0 and grid:
+            save_grid(grid.pop(), Path(tmp) / SAMPLE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _maybe_kill_self(trainer: Trainer) -> None:
+    step, once = os.environ.get(FAULT_STEP_ENV), os.environ.get(FAULT_ONCE_ENV)
+    if trainer.rank != 0 or step is None or once is None or trainer.state.step != int(step):
+        return
+    if not os.path.exists(once):
+        Path(once).write_text(f"killed at step {step}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(TrainConfig, config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    trainer = build_trainer(cfg, device, rank, world, wrap=ray.train.torch.prepare_model)
+    _resume(trainer)
+    stream = ShardStream(cfg.data, rank, world, device=device)
+    grid: list[torch.Tensor] = []
+
+    def sample(step: int, images: torch.Tensor) -> None:
+        if rank == 0:
+            grid[:] = [images.cpu()]
+
+    def report(metrics: dict[str, float], save: bool) -> None:
+        _report(trainer, metrics, save, grid)
+        _maybe_kill_self(trainer)
+
+    run_loop(trainer, stream, Hooks(report, sample))
+
+
+def _storage(path: str) -> tuple[str, Any]:
+    """Ray's storage_path and filesystem: local paths made absolute, S3 endpoints honoured."""
+    if "://" not in path:
+        return str(Path(path).resolve()), None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if path.startswith("s3://") and endpoint:
+        import pyarrow.fs
+
+        scheme, _, host = endpoint.partition("://")
+        fs = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme)
+        return path.removeprefix("s3://"), fs
+    return path, None
+
+
+def launch(cfg: TrainConfig) -> Any:
+    """Run ``train_worker`` on ``cfg.run.num_workers`` workers; returns Ray's Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run = cfg.run
+    storage_path, storage_fs = _storage(run.storage_path)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=to_dict(cfg),
+        scaling_config=ScalingConfig(
+            num_workers=run.num_workers,
+            use_gpu=run.use_gpu,
+            resources_per_worker={
+                "CPU": run.cpus_per_worker,
+                **({"GPU": 1} if run.use_gpu else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=run.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=run.max_failures),
+        ),
+    )
+    return trainer.fit()

@@ -1,0 +1,53 @@
+"""Training on a real local Ray: two DDP workers, a worker killed mid-run, resume by run name."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cmray.train import state as ckpt
+from cmray.train.worker import FAULT_ONCE_ENV, FAULT_STEP_ENV, SAMPLE_FILE, launch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def kill_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A local Ray whose workers kill rank 0 once after step 6."""
+    import ray
+
+    marker = tmp_path_factory.mktemp("chaos") / "killed"
+    env = {FAULT_STEP_ENV: "6", FAULT_ONCE_ENV: str(marker)}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    try:
+        yield marker
+    finally:
+        ray.shutdown()
+
+
+def test_two_workers_survive_a_kill_and_resume_by_name(
+    digits16: str, kill_file: Path, tmp_path: Path
+) -> None:
+    from test_train import tiny_config
+
+    cfg = tiny_config(digits16, steps=8, checkpoint_every=4, log_every=2)
+    cfg.run.num_workers, cfg.run.max_failures = 2, 1
+    cfg.run.storage_path, cfg.run.name = str(tmp_path), "chaos"
+    result = launch(cfg)
+    assert kill_file.read_text() == "killed at step 6\n"  # the worker really died once
+    assert result.metrics["step"] == 8
+    with result.checkpoint.as_directory() as directory:
+        assert ckpt.verify_checkpoint(directory) == 8
+        markers = sorted(p.name for p in Path(directory).glob("complete-rank*.json"))
+        assert markers == ["complete-rank0.json", "complete-rank1.json"]
+        assert (Path(directory) / SAMPLE_FILE).stat().st_size > 0
+        world = json.loads((Path(directory) / "complete-rank0.json").read_text())["world_size"]
+        assert world == 2
+
+    cfg.loop.steps = 10  # the same name again: continues from step 8, not from 0
+    again = launch(cfg)
+    assert again.metrics["step"] == 10
+    assert again.metrics["data_samples"] == 2 * cfg.data.batch_size  # only steps 9 and 10 read
