@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= runs/toy2d
+DATA ?= runs/data/digits16
 
-.PHONY: demo test test-fast lint format bench clean
+.PHONY: demo demo-toy2d test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,7 +15,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import cmray, torch, ray, mlflow, lpips, webdataset"
 	touch $(STAMP)
 
+# The whole small pipeline: real images -> local shards -> CT on 2 Ray Train CPU workers ->
+# checkpoints -> a sample grid and a one-line quality figure (about 6 minutes on 2 cores).
 demo: $(STAMP)
+	$(BIN)/python pipelines/prepare_data.py --source digits --out $(DATA) --resolution 16 --workers -1
+	$(BIN)/python pipelines/train.py --config configs/digits_ct.yaml --set data.manifest=$(DATA)/manifest.json
+	$(BIN)/python pipelines/quality.py --run runs/train/digits_ct --manifest $(DATA) --out runs/demo/samples.png
+
+demo-toy2d: $(STAMP)
 	$(BIN)/python pipelines/toy2d.py --out $(OUT)
 
 test: $(STAMP)
@@ -34,6 +42,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sampling_speed.py
 	$(BIN)/python benchmarks/data_throughput.py
+	$(BIN)/python benchmarks/train_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -77,20 +77,37 @@ def make_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
     return cls(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
-def load_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The EDM denoiser from a teacher run's checkpoint: its first EMA copy, frozen."""
+def load_model(source: str, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig]:
+    """A run's sampling model from its checkpoint directory (path or URL): the first EMA copy.
+
+    The checkpoint carries its own config, so the network is rebuilt exactly as trained: f_theta
+    for CD/CT runs, the EDM denoiser D for teacher runs.
+    """
+    from cmray.config import from_dict
     from cmray.storage import url_to_fs
 
-    source = cfg.objective.cd.teacher
     fs, path = url_to_fs(source.rstrip("/") + "/" + ckpt.STATE_FILE)
     if not fs.exists(path):
-        raise FileNotFoundError(f"no teacher checkpoint at {source} (looked for {path})")
+        raise FileNotFoundError(f"no checkpoint at {source} (looked for {path})")
     with fs.open(path, "rb") as fh:
         data = torch.load(fh, weights_only=True, map_location="cpu")
-    teacher = build_net(cfg, "edm")
-    ema = EMABank(teacher, data["config"]["loop"]["ema_rates"])
+    cfg = from_dict(TrainConfig, data["config"])
+    net = build_net(cfg)
+    ema = EMABank(net, cfg.loop.ema_rates)
     ema.load_state_dict(data["ema"])
-    return frozen_copy(ema.copies[0] if ema.rates else teacher).to(device).eval()
+    if not ema.rates:
+        net.load_state_dict(data["online"])
+    return frozen_copy(ema.copies[0] if ema.rates else net).to(device).eval(), cfg
+
+
+def load_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The EDM denoiser D from a teacher run's checkpoint, frozen."""
+    teacher, teacher_cfg = load_model(cfg.objective.cd.teacher, device)
+    if teacher_cfg.objective.kind != "edm":
+        raise ValueError(
+            f"{cfg.objective.cd.teacher} is a {teacher_cfg.objective.kind} run, not an EDM teacher"
+        )
+    return teacher
 
 
 def make_objective(cfg: TrainConfig, device: torch.device) -> Objective:
@@ -165,11 +182,23 @@ class Hooks:
     sample: Callable[[int, torch.Tensor], None] | None = None
 
 
-def _metrics(trainer: Trainer, result: Any, seconds: float, stream: ShardStream) -> dict:
+@dataclass
+class _Clock:
+    """When this process's loop started, and at which step, for the steps/s it reports."""
+
+    start: float
+    first_step: int
+
+
+def _metrics(
+    trainer: Trainer, result: Any, seconds: float, stream: ShardStream, clock: _Clock
+) -> dict:
     cfg, state = trainer.cfg, trainer.state
     images = cfg.data.batch_size * trainer.world_size
+    elapsed = time.perf_counter() - clock.start
     return {
         "step": state.step,
+        "steps_per_s": (state.step - clock.first_step) / max(elapsed, 1e-9),
         "loss": result.loss,
         "grad_norm": result.grad_norm,
         "lr": state.optimizer.param_groups[0]["lr"],
@@ -184,6 +213,7 @@ def run_loop(trainer: Trainer, stream: ShardStream, hooks: Hooks) -> None:
     """Steps from ``state.step`` to ``loop.steps``, resuming the stream where the step says."""
     cfg, state = trainer.cfg, trainer.state
     loop, batches = cfg.loop, len(stream)
+    clock = _Clock(time.perf_counter(), state.step)
     while state.step < loop.steps:
         epoch, start = data_position(state.step, batches)
         stream.set_epoch(epoch, start)
@@ -197,7 +227,8 @@ def run_loop(trainer: Trainer, stream: ShardStream, hooks: Hooks) -> None:
             if hooks.sample is not None and ((every and state.step % every == 0) or done):
                 hooks.sample(state.step, sample_grid(trainer, loop.sample_count))
             if state.step % loop.log_every == 0 or save:
-                hooks.report(_metrics(trainer, result, time.perf_counter() - tick, stream), save)
+                seconds = time.perf_counter() - tick
+                hooks.report(_metrics(trainer, result, seconds, stream, clock), save)
             tick = time.perf_counter()
             if done:
                 return

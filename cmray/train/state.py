@@ -29,7 +29,8 @@ from cmray.core.ema import EMABank
 from cmray.storage import local_temp_beside
 
 STATE_FILE = "state.pt"
-CHECKPOINT_DIR = re.compile(r"^step-(\d{9})$")
+# Ours (``run_local``) and Ray Train's (``checkpoint_<timestamp>``) checkpoint directories.
+CHECKPOINT_DIR = re.compile(r"^(step-\d{9}|checkpoint_.+)$")
 
 
 class IncompleteCheckpointError(RuntimeError):
@@ -170,15 +171,21 @@ def checkpoint_name(step: int) -> str:
 
 
 def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
-    """The newest complete ``step-*`` directory under ``root``; incomplete ones are passed over."""
+    """The complete checkpoint with the highest step under ``root`` (a run directory).
+
+    Incomplete ones (a marker or a file missing, a file cut short) are passed over.
+    """
     root = Path(root)
     if not root.is_dir():
         return None
-    candidates = sorted((p for p in root.iterdir() if CHECKPOINT_DIR.match(p.name)), reverse=True)
-    for path in candidates:
+    best: tuple[int, Path] | None = None
+    for path in root.iterdir():
+        if not (path.is_dir() and CHECKPOINT_DIR.match(path.name)):
+            continue
         try:
-            verify_checkpoint(path)
-            return path
+            step = verify_checkpoint(path)
         except IncompleteCheckpointError:
             continue
-    return None
+        if best is None or step > best[0]:
+            best = (step, path)
+    return None if best is None else best[1]

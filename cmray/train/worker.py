@@ -7,6 +7,7 @@ restarted by Ray, up to ``run.max_failures`` times, and continues from the same 
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import tempfile
@@ -106,11 +107,53 @@ def _storage(path: str) -> tuple[str, Any]:
     return path, None
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """A copy whose local paths are absolute: Ray workers do not share the driver's cwd."""
+    cfg = copy.deepcopy(cfg)
+
+    def fix(path: str) -> str:
+        return path if not path or "://" in path else str(Path(path).resolve())
+
+    cfg.data.manifest = fix(cfg.data.manifest)
+    cfg.objective.cd.teacher = fix(cfg.objective.cd.teacher)
+    cfg.objective.lpips_weights = fix(cfg.objective.lpips_weights)
+    cfg.run.storage_path = fix(cfg.run.storage_path)
+    return cfg
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Checks that need the data or the teacher, run on the driver before any worker starts."""
+    from cmray.config import ConfigError
+    from cmray.data.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(cfg.data.manifest)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data.manifest: {exc}", key="data.manifest") from None
+    if manifest.resolution != cfg.net.resolution:
+        raise ConfigError(
+            f"net.resolution = {cfg.net.resolution} but the data is "
+            f"{manifest.resolution}x{manifest.resolution}",
+            key="net.resolution",
+        )
+    if cfg.objective.kind == "cd":
+        from cmray.storage import url_to_fs
+
+        fs, path = url_to_fs(cfg.objective.cd.teacher.rstrip("/") + "/" + ckpt.STATE_FILE)
+        if not fs.exists(path):
+            raise ConfigError(
+                f"objective.cd.teacher: no {ckpt.STATE_FILE} at {cfg.objective.cd.teacher}",
+                key="objective.cd.teacher",
+            )
+
+
 def launch(cfg: TrainConfig) -> Any:
     """Run ``train_worker`` on ``cfg.run.num_workers`` workers; returns Ray's Result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    cfg = absolute_paths(cfg)
+    preflight(cfg)
     run = cfg.run
     storage_path, storage_fs = _storage(run.storage_path)
     trainer = TorchTrainer(
