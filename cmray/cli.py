@@ -11,9 +11,10 @@ from pathlib import Path
 
 import cmray
 from cmray.config import add_config_args, config_from_args, dump_yaml, exit_on_config_error
+from cmray.train.config import TrainConfig
 from cmray.train.toy_config import Toy2DConfig
 
-SCHEMAS = {"toy2d": Toy2DConfig}
+SCHEMAS = {"toy2d": Toy2DConfig, "train": TrainConfig}
 
 
 def _config_command(args: argparse.Namespace) -> int:

@@ -1,0 +1,72 @@
+"""The shipped training configs load, and a bad one stops the pipeline before Ray starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cmray.config import load_config
+from cmray.train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [str(ROOT / "pipelines" / "train.py")]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["lsun_bedroom256_cd_lpips", "lsun_bedroom256_ct_lpips", "lsun_bedroom256_edm", "digits_ct"],
+)
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(TrainConfig, ROOT / "configs" / f"{name}.yaml")
+    assert cfg.loop.steps > 0 and cfg.run.name == name
+
+
+def test_lsun_configs_carry_the_reference_settings() -> None:
+    cd = load_config(TrainConfig, ROOT / "configs" / "lsun_bedroom256_cd_lpips.yaml")
+    ct = load_config(TrainConfig, ROOT / "configs" / "lsun_bedroom256_ct_lpips.yaml")
+    assert (cd.objective.cd.N, cd.objective.cd.mu, cd.optim.lr, cd.loop.steps) == (
+        40,
+        0.95,
+        1e-5,
+        600_000,
+    )
+    assert (ct.objective.ct.s0, ct.objective.ct.s1, ct.objective.ct.mu0, ct.optim.lr) == (
+        2,
+        150,
+        0.95,
+        5e-5,
+    )
+    for cfg in (cd, ct):
+        assert cfg.data.batch_size * cfg.run.num_workers == 256  # the reference global batch
+        assert cfg.net.channel_mult == [1, 1, 2, 2, 4, 4] and cfg.objective.metric == "lpips"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.manifest=/no/such/data/manifest.json", "no manifest at /no/such/data"),
+        ("net.resolution=32", "net.resolution = 32 but the data is 16x16"),
+        ("loop.microbatches=5", "does not split into loop.microbatches = 5"),
+        ("objective.kind=cd", "objective.cd.teacher is empty"),
+    ],
+)
+def test_a_bad_config_fails_before_ray_starts(digits16: str, override: str, message: str) -> None:
+    args = [
+        "--config",
+        str(ROOT / "configs" / "digits_ct.yaml"),
+        "--set",
+        f"data.manifest={digits16}/manifest.json",
+        "--set",
+        override,
+    ]
+    if override.startswith("net.resolution"):
+        args += ["--set", "net.attention_resolutions=[16]"]
+    result = subprocess.run(
+        [sys.executable, *TRAIN, *args], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "config error" in result.stderr
+    assert "Ray instance" not in result.stderr + result.stdout
