@@ -130,3 +130,19 @@ def test_microbatches_accumulate_into_one_step(digits16: str) -> None:
     x0 = torch.rand(8, 3, 16, 16) * 2 - 1
     result = train_step(trainer.state, trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen)
     assert result.finite and trainer.state.step == 1
+
+
+def test_cd_distils_from_an_edm_teacher_trained_here(digits16: str, tmp_path: Path) -> None:
+    teacher_cfg = tiny_config(digits16, steps=2, checkpoint_every=2)
+    teacher_cfg.objective.kind = "edm"
+    run_local(teacher_cfg, tmp_path / "teacher", log=lambda _: None)
+    teacher_dir = ckpt.latest_checkpoint(tmp_path / "teacher" / "checkpoints")
+    cfg = tiny_config(digits16, steps=2, checkpoint_every=2)
+    cfg.objective.kind, cfg.objective.cd.teacher = "cd", str(teacher_dir)
+    seen: list[dict[str, float]] = []
+    trainer = run_local(cfg, tmp_path / "cd", log=lambda _: None, on_metrics=seen.append)
+    assert trainer.state.step == 2 and all(m["N"] == cfg.objective.cd.N for m in seen)
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in seen)
+    with pytest.raises(ValueError, match="not an EDM teacher"):
+        cfg.objective.cd.teacher = str(ckpt.latest_checkpoint(tmp_path / "cd" / "checkpoints"))
+        run_local(cfg, tmp_path / "cd2", log=lambda _: None)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from cmray.train import state as ckpt
 from cmray.train.worker import FAULT_ONCE_ENV, FAULT_STEP_ENV, SAMPLE_FILE, launch
@@ -47,7 +48,15 @@ def test_two_workers_survive_a_kill_and_resume_by_name(
         world = json.loads((Path(directory) / "complete-rank0.json").read_text())["world_size"]
         assert world == 2
 
-    cfg.loop.steps = 10  # the same name again: continues from step 8, not from 0
+    # An uninterrupted run ends with the same weights, bit for bit: the restart lost nothing.
+    cfg.run.name = "straight"
+    straight = launch(cfg)
+    with result.checkpoint.as_directory() as a, straight.checkpoint.as_directory() as b:
+        wa = torch.load(Path(a) / ckpt.STATE_FILE, weights_only=True)["online"]
+        wb = torch.load(Path(b) / ckpt.STATE_FILE, weights_only=True)["online"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    cfg.run.name, cfg.loop.steps = "chaos", 10  # the same name: continues from 8, not from 0
     again = launch(cfg)
     assert again.metrics["step"] == 10
     assert again.metrics["data_samples"] == 2 * cfg.data.batch_size  # only steps 9 and 10 read
