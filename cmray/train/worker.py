@@ -58,6 +58,15 @@ def _report(trainer: Trainer, metrics: dict[str, float], save: bool, grid: list)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def progress_line(metrics: dict[str, float], steps: int, saved: bool) -> str:
+    """One short line per report for people watching the job's log."""
+    keys = ("loss", "N", "mu", "images_per_s", "skipped_steps", "data_decode_errors")
+    shown = " ".join(f"{k} {metrics[k]:.4g}" for k in keys if k in metrics)
+    return f"[cmray] step {int(metrics['step'])}/{steps} {shown}" + (
+        " (checkpoint)" if saved else ""
+    )
+
+
 def _maybe_kill_self(trainer: Trainer) -> None:
     step, once = os.environ.get(FAULT_STEP_ENV), os.environ.get(FAULT_ONCE_ENV)
     if trainer.rank != 0 or step is None or once is None or trainer.state.step != int(step):
@@ -87,6 +96,8 @@ def train_worker(config: dict[str, Any]) -> None:
             grid[:] = [images.cpu()]
 
     def report(metrics: dict[str, float], save: bool) -> None:
+        if rank == 0:
+            print(progress_line(metrics, cfg.loop.steps, save), flush=True)
         _report(trainer, metrics, save, grid)
         _maybe_kill_self(trainer)
 
