@@ -113,7 +113,8 @@ def _storage(path: str) -> tuple[str, Any]:
         import pyarrow.fs
 
         scheme, _, host = endpoint.partition("://")
-        fs = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme)
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        fs = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme, region=region)
         return path.removeprefix("s3://"), fs
     return path, None
 

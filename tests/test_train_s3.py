@@ -1,0 +1,36 @@
+"""Checkpoints in S3 (moto on loopback) through Ray's storage_path, and resume from them."""
+
+from __future__ import annotations
+
+import pytest
+
+from cmray.storage import url_to_fs
+from cmray.train.worker import launch
+
+pytestmark = pytest.mark.slow
+
+
+def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_them(
+    ray_cluster: None, s3_bucket: str, digits16: str
+) -> None:
+    from test_train import tiny_config
+
+    cfg = tiny_config(digits16, steps=4, checkpoint_every=2, log_every=2)
+    cfg.run.num_workers, cfg.run.storage_path, cfg.run.name = 2, f"{s3_bucket}/runs", "s3run"
+    first = launch(cfg)
+    assert first.metrics["step"] == 4
+    fs, root = url_to_fs(f"{s3_bucket}/runs/s3run")
+    entries = fs.ls(root, detail=True)
+    checkpoints = [
+        e["name"]
+        for e in entries
+        if e["type"] == "directory" and e["name"].rsplit("/", 1)[-1].startswith("checkpoint_")
+    ]
+    assert checkpoints, fs.ls(root, detail=False)
+    files = {p.rsplit("/", 1)[-1] for p in fs.ls(sorted(checkpoints)[-1], detail=False)}
+    assert {"state.pt", "complete-rank0.json", "complete-rank1.json"} <= files
+
+    cfg.loop.steps = 6
+    again = launch(cfg)
+    assert again.metrics["step"] == 6
+    assert again.metrics["data_samples"] == 2 * cfg.data.batch_size  # resumed at step 4
