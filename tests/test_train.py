@@ -13,7 +13,7 @@ import torch
 from cmray.config import from_dict
 from cmray.train import state as ckpt
 from cmray.train.config import TrainConfig
-from cmray.train.loop import build_trainer, run_local
+from cmray.train.loop import build_trainer, run_local, sample_grid
 from cmray.train.step import NonFiniteLossError, train_step
 
 
@@ -146,3 +146,14 @@ def test_cd_distils_from_an_edm_teacher_trained_here(digits16: str, tmp_path: Pa
     with pytest.raises(ValueError, match="not an EDM teacher"):
         cfg.objective.cd.teacher = str(ckpt.latest_checkpoint(tmp_path / "cd" / "checkpoints"))
         run_local(cfg, tmp_path / "cd2", log=lambda _: None)
+
+
+@pytest.mark.parametrize("kind", ["ct", "edm"])
+def test_sample_grids_are_images_in_range(digits16: str, kind: str) -> None:
+    cfg = tiny_config(digits16)
+    cfg.objective.kind = kind
+    trainer = build_trainer(cfg, torch.device("cpu"))
+    rng = torch.get_rng_state()
+    grid = sample_grid(trainer, 4)
+    assert grid.shape == (4, 3, 16, 16) and grid.abs().max() <= 1
+    assert torch.equal(torch.get_rng_state(), rng)  # sampling leaves training's RNG alone

@@ -21,7 +21,7 @@ from cmray.core import losses
 from cmray.core.ema import EMABank, frozen_copy
 from cmray.core.metrics import get_metric
 from cmray.core.parametrization import ConsistencyFunction
-from cmray.core.sampling import sample_onestep
+from cmray.core.sampling import sample_onestep, sample_teacher_ode
 from cmray.data.stream import ShardStream
 from cmray.nets.unet import UNet
 from cmray.train import state as ckpt
@@ -32,6 +32,7 @@ from cmray.train.objectives import (
     EDMObjective,
     Generators,
     Objective,
+    karras_grid,
     parametrization,
 )
 from cmray.train.state import TrainState, data_position, unwrap
@@ -158,7 +159,7 @@ def build_trainer(
 
 @torch.no_grad()
 def sample_grid(trainer: Trainer, count: int, seed: int = 0) -> torch.Tensor:
-    """One-step samples from the first EMA copy (Algorithm 1 with one step), in [-1, 1]."""
+    """Samples from the first EMA copy, in [-1, 1]: one step (Algorithm 1) for CD/CT runs."""
     state, cfg = trainer.state, trainer.cfg
     model = state.ema.copies[0] if state.ema.rates else unwrap(state.online)
     shape = (count, cfg.net.in_channels, cfg.net.resolution, cfg.net.resolution)
@@ -166,9 +167,12 @@ def sample_grid(trainer: Trainer, count: int, seed: int = 0) -> torch.Tensor:
     z = torch.randn(shape, generator=g, device=trainer.device)
     was_training = model.training
     model.eval()
-    x = sample_onestep(model, z, cfg.objective.noise.sigma_max).x.clamp(-1, 1)
+    if cfg.objective.kind == "edm":  # a teacher: EDM's 18-point Heun solve (35 NFE)
+        x = sample_teacher_ode(model, z, karras_grid(cfg.objective.noise, 18), "heun").x
+    else:
+        x = sample_onestep(model, z, cfg.objective.noise.sigma_max).x
     model.train(was_training)
-    return x
+    return x.clamp(-1, 1)
 
 
 # ----------------------------------------------------------------------------------- loop

@@ -92,8 +92,7 @@ def train_worker(config: dict[str, Any]) -> None:
     grid: list[torch.Tensor] = []
 
     def sample(step: int, images: torch.Tensor) -> None:
-        if rank == 0:
-            grid[:] = [images.cpu()]
+        grid[:] = [images.cpu()]
 
     def report(metrics: dict[str, float], save: bool) -> None:
         if rank == 0:
@@ -101,7 +100,7 @@ def train_worker(config: dict[str, Any]) -> None:
         _report(trainer, metrics, save, grid)
         _maybe_kill_self(trainer)
 
-    run_loop(trainer, stream, Hooks(report, sample))
+    run_loop(trainer, stream, Hooks(report, sample if rank == 0 else None))
 
 
 def _storage(path: str) -> tuple[str, Any]:
