@@ -79,7 +79,8 @@ def make_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
 
 
 def load_model(source: str, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig]:
-    """A run's sampling model from its checkpoint directory (path or URL): the first EMA copy.
+    """A run's sampling model from a checkpoint (path or URL) or a local run directory (its
+    newest complete checkpoint): the first EMA copy.
 
     The checkpoint carries its own config, so the network is rebuilt exactly as trained: f_theta
     for CD/CT runs, the EDM denoiser D for teacher runs.
@@ -88,6 +89,10 @@ def load_model(source: str, device: torch.device | str = "cpu") -> tuple[nn.Modu
     from cmray.storage import url_to_fs
 
     fs, path = url_to_fs(source.rstrip("/") + "/" + ckpt.STATE_FILE)
+    if not fs.exists(path) and "://" not in source:  # a local run directory: its newest
+        newest = ckpt.latest_checkpoint(source)
+        if newest is not None:
+            fs, path = url_to_fs(str(newest / ckpt.STATE_FILE))
     if not fs.exists(path):
         raise FileNotFoundError(f"no checkpoint at {source} (looked for {path})")
     with fs.open(path, "rb") as fh:

@@ -1,0 +1,134 @@
+"""``cmray edit`` end to end on a checkpoint trained here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cmray.cli import main
+from cmray.train.loop import run_local
+
+
+@pytest.fixture(scope="module")
+def model_dir(digits16: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_train import tiny_config
+
+    out = tmp_path_factory.mktemp("edit-model")
+    run_local(tiny_config(digits16, steps=2, checkpoint_every=2), out, log=lambda _: None)
+    return out / "checkpoints"  # a run directory: the newest checkpoint is used
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("edit-inputs")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / "in.png")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    Image.fromarray(mask).save(d / "mask.png")
+    return d / "in.png", d / "mask.png"
+
+
+@pytest.mark.parametrize(
+    ("task", "panels"),
+    [
+        ("inpaint", 3),
+        ("colorize", 3),
+        ("super_resolution", 3),
+        ("stroke", 2),
+        ("denoise", 3),
+        ("interpolate", 8),
+    ],
+)
+def test_every_task_writes_its_panels(
+    model_dir: Path, images: tuple[Path, Path], tmp_path: Path, task: str, panels: int
+) -> None:
+    out = tmp_path / f"{task}.png"
+    args = [
+        "edit",
+        "--model",
+        str(model_dir),
+        "--task",
+        task,
+        "--input",
+        str(images[0]),
+        "--mask",
+        str(images[1]),
+        "--factor",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    width, height = Image.open(out).size
+    assert (width, height) == (16 * panels, 16)
+
+
+def test_inpainting_keeps_the_known_pixels(
+    model_dir: Path, images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "inpaint.png"
+    main(
+        [
+            "edit",
+            "--model",
+            str(model_dir),
+            "--task",
+            "inpaint",
+            "--input",
+            str(images[0]),
+            "--mask",
+            str(images[1]),
+            "--out",
+            str(out),
+        ]
+    )
+    panels = np.asarray(Image.open(out).convert("RGB"))
+    source, result = panels[:, :16], panels[:, 32:48]
+    known = np.ones((16, 16), bool)
+    known[4:12, 4:12] = False
+    assert np.array_equal(result[known], source[known])
+    assert not np.array_equal(result[~known], source[~known])
+
+
+def test_a_missing_mask_or_model_is_a_one_line_error(
+    model_dir: Path, images: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = str(tmp_path / "x.png")
+    assert (
+        main(
+            [
+                "edit",
+                "--model",
+                str(model_dir),
+                "--task",
+                "inpaint",
+                "--input",
+                str(images[0]),
+                "--out",
+                out,
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "edit",
+                "--model",
+                str(tmp_path / "none"),
+                "--task",
+                "stroke",
+                "--input",
+                str(images[0]),
+                "--out",
+                out,
+            ]
+        )
+        == 2
+    )
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "needs --mask" in lines[0] and "no checkpoint" in lines[1]
