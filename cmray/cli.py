@@ -35,9 +35,9 @@ def _toy2d_command(args: argparse.Namespace) -> int:
 
 
 def _edit_command(args: argparse.Namespace) -> int:
+    from cmray.eval.images import save_grid
     from cmray.experiments.edit import run_edit
     from cmray.train.loop import load_model
-    from cmray.train.worker import save_grid
 
     try:
         f, cfg = load_model(args.model)

@@ -20,9 +20,9 @@ from cmray.core.sampling import sample_onestep
 from cmray.data.config import StreamConfig
 from cmray.data.stream import ShardStream
 from cmray.eval.frechet import frechet_distance_of
+from cmray.eval.images import save_grid
 from cmray.train.loop import load_model
 from cmray.train.state import latest_checkpoint
-from cmray.train.worker import save_grid
 
 
 def real_images(manifest: str, count: int) -> torch.Tensor:

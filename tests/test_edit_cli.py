@@ -32,6 +32,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return d / "in.png", d / "mask.png"
 
 
+def edit(model: Path, task: str, image: Path, out: Path, *extra: str) -> int:
+    """``cmray edit`` in-process; ``extra`` adds flags such as ``--mask PATH``."""
+    args = ["edit", "--model", str(model), "--task", task, "--input", str(image)]
+    return main([*args, "--out", str(out), *extra])
+
+
 @pytest.mark.parametrize(
     ("task", "panels"),
     [
@@ -47,22 +53,7 @@ def test_every_task_writes_its_panels(
     model_dir: Path, images: tuple[Path, Path], tmp_path: Path, task: str, panels: int
 ) -> None:
     out = tmp_path / f"{task}.png"
-    args = [
-        "edit",
-        "--model",
-        str(model_dir),
-        "--task",
-        task,
-        "--input",
-        str(images[0]),
-        "--mask",
-        str(images[1]),
-        "--factor",
-        "2",
-        "--out",
-        str(out),
-    ]
-    assert main(args) == 0
+    assert edit(model_dir, task, images[0], out, "--mask", str(images[1]), "--factor", "2") == 0
     width, height = Image.open(out).size
     assert (width, height) == (16 * panels, 16)
 
@@ -71,21 +62,7 @@ def test_inpainting_keeps_the_known_pixels(
     model_dir: Path, images: tuple[Path, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "inpaint.png"
-    main(
-        [
-            "edit",
-            "--model",
-            str(model_dir),
-            "--task",
-            "inpaint",
-            "--input",
-            str(images[0]),
-            "--mask",
-            str(images[1]),
-            "--out",
-            str(out),
-        ]
-    )
+    edit(model_dir, "inpaint", images[0], out, "--mask", str(images[1]))
     panels = np.asarray(Image.open(out).convert("RGB"))
     source, result = panels[:, :16], panels[:, 32:48]
     known = np.ones((16, 16), bool)
@@ -97,38 +74,8 @@ def test_inpainting_keeps_the_known_pixels(
 def test_a_missing_mask_or_model_is_a_one_line_error(
     model_dir: Path, images: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    out = str(tmp_path / "x.png")
-    assert (
-        main(
-            [
-                "edit",
-                "--model",
-                str(model_dir),
-                "--task",
-                "inpaint",
-                "--input",
-                str(images[0]),
-                "--out",
-                out,
-            ]
-        )
-        == 2
-    )
-    assert (
-        main(
-            [
-                "edit",
-                "--model",
-                str(tmp_path / "none"),
-                "--task",
-                "stroke",
-                "--input",
-                str(images[0]),
-                "--out",
-                out,
-            ]
-        )
-        == 2
-    )
+    out = tmp_path / "x.png"
+    assert edit(model_dir, "inpaint", images[0], out) == 2
+    assert edit(tmp_path / "none", "stroke", images[0], out) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and "needs --mask" in lines[0] and "no checkpoint" in lines[1]

@@ -10,9 +10,10 @@ labels let the evaluation issue train a small feature network for a proxy Freche
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +38,10 @@ class Source(Protocol):
 
     def read(self, chunk: Chunk) -> Iterator[Record]: ...
 
+    def head(self, n: int) -> Iterator[Record]:
+        """The first ``n`` records, without planning chunks (for probing image sizes)."""
+        ...
+
 
 def _even_chunks(n: int, size: int) -> list[Chunk]:
     return [{"start": s, "count": min(size, n - s)} for s in range(0, n, size)]
@@ -59,6 +64,9 @@ class DigitsSource:
     def chunks(self, size: int) -> list[Chunk]:
         return _even_chunks(len(self), size)
 
+    def head(self, n: int) -> Iterator[Record]:
+        return self.read({"start": 0, "count": min(n, len(self))})
+
     def read(self, chunk: Chunk) -> Iterator[Record]:
         import numpy as np
 
@@ -74,6 +82,7 @@ class FolderSource:
 
     root: str
     spec: str = ""
+    _files: list[str] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.spec = self.spec or f"folder:{self.root}"
@@ -81,9 +90,14 @@ class FolderSource:
             raise ConfigError(f"folder {self.root!r} does not exist", key="source")
 
     def files(self) -> list[str]:
-        root = Path(self.root)
-        found = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        return sorted(p.relative_to(root).as_posix() for p in found)
+        """Relative paths, listed once: a big folder is slow to walk, and planning asks twice."""
+        if self._files is None:
+            root = Path(self.root)
+            found = (
+                p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            )
+            self._files = sorted(p.relative_to(root).as_posix() for p in found)
+        return self._files
 
     def __len__(self) -> int:
         return len(self.files())
@@ -95,6 +109,9 @@ class FolderSource:
             dict(c, files=files[c["start"] : c["start"] + c["count"]])
             for c in _even_chunks(len(files), size)
         ]
+
+    def head(self, n: int) -> Iterator[Record]:
+        return self.read({"files": self.files()[:n]})
 
     def read(self, chunk: Chunk) -> Iterator[Record]:
         for rel in chunk["files"]:
@@ -133,6 +150,11 @@ class LmdbSource:
                     chunks.append({"start": i, "count": 0, "first_key": key.hex()})
                 chunks[-1]["count"] += 1
         return chunks
+
+    def head(self, n: int) -> Iterator[Record]:
+        with self._env() as env, env.begin() as txn:
+            for key, value in itertools.islice(txn.cursor().iternext(), n):
+                yield key.decode("ascii", "replace"), bytes(value), None
 
     def read(self, chunk: Chunk) -> Iterator[Record]:
         with self._env() as env, env.begin() as txn:

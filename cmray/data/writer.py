@@ -15,7 +15,6 @@ non-empty ``out`` are refused rather than mixed.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import tarfile
@@ -71,10 +70,10 @@ def encode_record(payload: Any, cfg: PrepareConfig) -> bytes:
     return encode_image(prepare_image(img, cfg.resolution, cfg.resample), cfg.encoding, cfg.quality)
 
 
-def samples_per_shard(source: Source, first: Chunk, cfg: PrepareConfig) -> int:
+def samples_per_shard(source: Source, cfg: PrepareConfig) -> int:
     """The count bound, lowered so a shard stays near ``shard_size_mb`` at probed image sizes."""
     sizes = []
-    for _, payload, _ in itertools.islice(source.read(first), PROBE_IMAGES):
+    for _, payload, _ in source.head(PROBE_IMAGES):
         try:
             sizes.append(len(encode_record(payload, cfg)))
         except Exception:  # a bad image is skipped later; here it just isn't probed
@@ -90,12 +89,11 @@ def samples_per_shard(source: Source, first: Chunk, cfg: PrepareConfig) -> int:
 
 
 def make_plan(source: Source, cfg: PrepareConfig) -> Plan:
-    chunks = source.chunks(cfg.shard_count)
+    # Probing first means one pass over the keys (LSUN: 3M) instead of one per bound.
+    per_shard = samples_per_shard(source, cfg)
+    chunks = source.chunks(per_shard)
     if not chunks:
         raise ConfigError(f"source {source.spec!r} holds no images", key="source")
-    per_shard = samples_per_shard(source, chunks[0], cfg)
-    if per_shard < cfg.shard_count:
-        chunks = source.chunks(per_shard)
     return Plan(settings=dict(_settings(cfg, source), per_shard=per_shard), chunks=chunks)
 
 

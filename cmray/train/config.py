@@ -12,6 +12,7 @@ from typing import Literal
 from cmray.config import ConfigError, param
 from cmray.data.config import StreamConfig
 from cmray.nets.unet import UNetConfig
+from cmray.train.curriculum import CurriculumConfig
 from cmray.train.toy_config import NoiseConfig
 
 
@@ -26,23 +27,11 @@ class CDConfig:
 
 
 @dataclass
-class CTConfig:
+class CTConfig(CurriculumConfig):
     """Consistency training (paper Eq. 10, Algorithm 3) with an adaptive curriculum."""
 
-    curriculum: Literal["ct", "ict"] = param(
-        "ct", help="ct: paper Appendix C N(k), mu(k); ict: exponential N(k), mu = 0"
-    )
     s0: int = param(2, help="initial discretisation (LSUN: 2)", ge=1)
-    s1: int = param(150, help="final discretisation (LSUN: 150)", ge=1)
-    mu0: float = param(0.95, help="EMA rate at k = 0", ge=0, lt=1)
-    mu_variant: Literal["official", "paper"] = param(
-        "official", help="official: mu divides by N - 1 (published runs); paper: by N"
-    )
     K: int = param(0, help="curriculum length in steps (0: loop.steps)", ge=0)
-
-    def __post_init__(self) -> None:
-        if self.s1 < self.s0:
-            raise ConfigError(f"ct.s1 = {self.s1} must be >= ct.s0 = {self.s0}", key="ct.s1")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmray.config import to_dict
+from cmray.config import from_dict, to_dict
 from cmray.core import losses
 from cmray.core.ema import EMABank, frozen_copy
 from cmray.core.metrics import get_metric
@@ -24,6 +24,7 @@ from cmray.core.parametrization import ConsistencyFunction
 from cmray.core.sampling import sample_onestep, sample_teacher_ode
 from cmray.data.stream import ShardStream
 from cmray.nets.unet import UNet
+from cmray.storage import url_to_fs
 from cmray.train import state as ckpt
 from cmray.train.config import TrainConfig
 from cmray.train.objectives import (
@@ -85,9 +86,6 @@ def load_model(source: str, device: torch.device | str = "cpu") -> tuple[nn.Modu
     The checkpoint carries its own config, so the network is rebuilt exactly as trained: f_theta
     for CD/CT runs, the EDM denoiser D for teacher runs.
     """
-    from cmray.config import from_dict
-    from cmray.storage import url_to_fs
-
     fs, path = url_to_fs(source.rstrip("/") + "/" + ckpt.STATE_FILE)
     if not fs.exists(path) and "://" not in source:  # a local run directory: its newest
         newest = ckpt.latest_checkpoint(source)

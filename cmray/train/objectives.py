@@ -16,6 +16,7 @@ from cmray.core import losses, schedules
 from cmray.core.metrics import Metric
 from cmray.core.parametrization import Parametrization
 from cmray.train.config import CDConfig, CTConfig, EDMConfig
+from cmray.train.curriculum import ct_curriculum, ct_indices
 from cmray.train.toy_config import NoiseConfig
 
 
@@ -35,37 +36,6 @@ class Objective(Protocol):
     def target_mu(self, k: int) -> float | None: ...
 
     def schedule(self, k: int) -> dict[str, float]: ...
-
-
-class Curriculum(Protocol):
-    """The CT settings ``ct_curriculum`` reads (the image and the 2D configs both have them)."""
-
-    curriculum: str
-    s0: int
-    s1: int
-    mu0: float
-    mu_variant: schedules.MuVariant
-
-
-def ct_curriculum(ct: Curriculum, k: int, K: int) -> tuple[int, float]:
-    """(N(k), mu(k)): paper Appendix C, or iCT's exponential N(k) with mu = 0.
-
-    Past K the curriculum stays at its final value rather than extrapolating beyond s1.
-    """
-    k = min(k, K)
-    if ct.curriculum == "ict":
-        return schedules.ict_N(k, K, ct.s0, ct.s1), 0.0
-    return schedules.ct_schedule(k, K, ct.s0, ct.s1, ct.mu0, ct.mu_variant)
-
-
-def ct_indices(
-    curriculum: str, sigmas: torch.Tensor, batch: int, generator: torch.Generator
-) -> torch.Tensor:
-    """Interval indices n: uniform (Algorithm 3), or iCT's discretised lognormal."""
-    if curriculum == "ict":
-        probs = schedules.lognormal_index_probs(sigmas)
-        return schedules.sample_indices_from_probs(probs, batch, generator)
-    return schedules.sample_uniform_indices(sigmas.numel(), batch, generator)
 
 
 def karras_grid(noise: NoiseConfig, N: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from cmray.core.parametrization import ConsistencyFunction, Parametrization, Sco
 from cmray.core.solvers import Denoiser
 from cmray.data.toy import RingMixture
 from cmray.nets.toy_mlp import ToyMLP
-from cmray.train.objectives import ct_curriculum, ct_indices
+from cmray.train.curriculum import ct_curriculum, ct_indices
 from cmray.train.toy_config import CDConfig, NetConfig, OptimConfig, Toy2DConfig
 
 Log = Callable[[str], None]

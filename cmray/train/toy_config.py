@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cmray.config import ConfigError, param
+from cmray.train.curriculum import CurriculumConfig
 
 
 @dataclass
@@ -92,27 +93,14 @@ class CDConfig:
 
 
 @dataclass
-class CTConfig:
+class CTConfig(CurriculumConfig):
     """Consistency training (paper Eq. 10, Algorithm 3) with an adaptive curriculum."""
 
-    curriculum: Literal["ct", "ict"] = param(
-        "ct", help="ct: paper Appendix C N(k), mu(k); ict: exponential N(k), mu = 0"
-    )
-    s0: int = param(10, help="initial discretisation", ge=1)
-    s1: int = param(150, help="final discretisation", ge=1)
-    mu0: float = param(0.95, help="ct: EMA rate at k = 0", ge=0, lt=1)
-    mu_variant: Literal["official", "paper"] = param(
-        "official", help="official: mu divides by N - 1 (published runs); paper: by N"
-    )
     parametrization: Literal["edm", "linear"] = param("edm", help="as in cd")
     metric: Literal["l2", "l1", "pseudo_huber"] = param("l2", help="distance d")
     weighting: Literal["uniform", "ict"] = param("uniform", help="lambda(t_n)")
     net: NetConfig = param(default_factory=NetConfig, help="the network")
     optim: OptimConfig = param(default_factory=OptimConfig, help="the optimiser")
-
-    def __post_init__(self) -> None:
-        if self.s1 < self.s0:
-            raise ConfigError(f"ct.s1 = {self.s1} must be >= ct.s0 = {self.s0}", key="ct.s1")
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 
 from cmray.config import from_dict, to_dict
 from cmray.data.stream import ShardStream
+from cmray.eval.images import save_grid
 from cmray.train import state as ckpt
 from cmray.train.config import TrainConfig
 from cmray.train.loop import Hooks, Trainer, build_trainer, run_loop
@@ -26,13 +27,6 @@ SAMPLE_FILE = "samples.png"
 # Chaos testing: the worker of rank 0 kills its own process once, after this step, so a cluster's
 # (or a test's) recovery path can be exercised on demand. The file records that it happened.
 FAULT_STEP_ENV, FAULT_ONCE_ENV = "CMRAY_KILL_AT_STEP", "CMRAY_KILL_ONCE_FILE"
-
-
-def save_grid(images: torch.Tensor, path: str | os.PathLike[str]) -> None:
-    """[-1, 1] images as one PNG grid."""
-    from torchvision.utils import save_image
-
-    save_image(images.add(1).div(2).clamp(0, 1), path, nrow=max(1, int(len(images) ** 0.5)))
 
 
 def _resume(trainer: Trainer) -> None:
