@@ -1,6 +1,6 @@
-"""The ``cmray`` command. Today: the version, config checking and the 2D experiment.
+"""The ``cmray`` command: the version, config checking, the 2D experiment and editing.
 
-Sampling, editing, evaluation and model retrieval join it with their issues.
+Sampling, evaluation and model retrieval join it with their issues.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Data sources: toy distributions now; LSUN and image-folder shards later."""
+"""Data: the 2D toy distributions, and images from sources to shards to training batches."""

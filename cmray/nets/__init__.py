@@ -1,1 +1,1 @@
-"""Networks: the 2D toy MLP now; U-Nets for images later."""
+"""Networks: the 2D toy MLP and the ADM U-Net for images."""
