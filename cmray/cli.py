@@ -1,6 +1,6 @@
-"""The ``cmray`` command: the version, config checking, the 2D experiment and editing.
+"""The ``cmray`` command: the version, config checking, the 2D experiment, editing, evaluation.
 
-Sampling, evaluation and model retrieval join it with their issues.
+Sampling and model retrieval join it with their issues.
 """
 
 from __future__ import annotations
@@ -83,6 +83,42 @@ def _add_edit_parser(sub: argparse._SubParsersAction) -> None:
     edit.set_defaults(run=_edit_command)
 
 
+def _eval_command(args: argparse.Namespace) -> int:
+    from cmray.eval import evaluate as ev
+    from cmray.eval.config import EvalConfig
+
+    cfg = config_from_args(EvalConfig, args)
+    try:
+        ev.preflight(cfg, with_model=args.action == "run")
+        if args.action == "ref-stats":
+            stats = ev.compute_ref_stats(cfg)
+            print(f"{stats.count} images; two halves: {stats.split_half:.3f}")
+            return 0
+        report = ev.evaluate(cfg)
+    except (OSError, ValueError) as exc:
+        print(f"eval error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(ev.summary_lines(report)))
+    print(f"wrote {cfg.out}/eval.json and {cfg.out}/samples.png")
+    return 0
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    evaluate = sub.add_parser(
+        "eval",
+        help="sample quality: reference statistics, FID/IS/precision/recall (as "
+        "pipelines/evaluate.py)",
+    )
+    evaluate.add_argument(
+        "action",
+        choices=("ref-stats", "run"),
+        help="ref-stats: featurize the dataset's real images and save the statistics beside "
+        "its manifest; run: score one-step and multistep samples of a model",
+    )
+    add_config_args(evaluate)
+    evaluate.set_defaults(run=_eval_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmray", description="Consistency models on Ray.")
     parser.add_argument("--version", action="version", version=f"cmray {cmray.__version__}")
@@ -96,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--out", required=True, type=Path, help="output directory")
     toy.set_defaults(run=_toy2d_command)
     _add_edit_parser(sub)
+    _add_eval_parser(sub)
     return parser
 
 

@@ -11,7 +11,6 @@ this script as a Ray job; otherwise a local Ray with the workers' CPUs is starte
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,13 +20,9 @@ from cmray.train.config import TrainConfig
 
 
 def _start_ray(cfg: TrainConfig) -> None:
-    import ray
+    from cmray.cluster import ray_init
 
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        cpus = int(cfg.run.num_workers * cfg.run.cpus_per_worker + 0.999)
-        ray.init(num_cpus=max(cpus, 1), include_dashboard=False)
+    ray_init(max(int(cfg.run.num_workers * cfg.run.cpus_per_worker + 0.999), 1))
 
 
 @exit_on_config_error

@@ -76,3 +76,15 @@ def digits16(tmp_path_factory: pytest.TempPathFactory) -> str:
         log=lambda _: None,
     )
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits16: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny CT model trained two steps on ``digits16``: a run directory, as users pass one."""
+    from test_train import tiny_config
+
+    from cmray.train.loop import run_local
+
+    out = tmp_path_factory.mktemp("digits-model")
+    run_local(tiny_config(digits16, steps=2, checkpoint_every=2), out, log=lambda _: None)
+    return str(out / "checkpoints")  # the newest checkpoint is used

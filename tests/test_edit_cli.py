@@ -9,16 +9,11 @@ import pytest
 from PIL import Image
 
 from cmray.cli import main
-from cmray.train.loop import run_local
 
 
 @pytest.fixture(scope="module")
-def model_dir(digits16: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_train import tiny_config
-
-    out = tmp_path_factory.mktemp("edit-model")
-    run_local(tiny_config(digits16, steps=2, checkpoint_every=2), out, log=lambda _: None)
-    return out / "checkpoints"  # a run directory: the newest checkpoint is used
+def model_dir(digits_model: str) -> Path:
+    return Path(digits_model)
 
 
 @pytest.fixture(scope="module")

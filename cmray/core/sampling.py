@@ -64,7 +64,10 @@ def sample_multistep(
     _check_taus(taus, sigma_min, sigma_max)
     x = sample_onestep(f, z, sigma_max, clip).x
     for tau in taus:
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        # Drawn on the generator's device, so a CPU generator gives the same samples on a GPU.
+        where = generator.device if generator is not None else x.device
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=where)
+        noise = noise.to(x.device)
         x_tau = x + (tau**2 - sigma_min**2) ** 0.5 * noise
         x = _clip(f(x_tau, _full(x, tau)), clip)
     return SampleResult(x, nfe=1 + len(taus))

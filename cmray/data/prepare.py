@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -12,6 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cmray.cluster import ray_init
 from cmray.data.config import PrepareConfig
 from cmray.data.manifest import Manifest, ShardInfo, write_manifest
 from cmray.data.preprocess import extension
@@ -37,24 +37,13 @@ def _convert_inline(
         yield convert_shard(source, plan.chunks[i], plan.shard_name(i), cfg)
 
 
-def _ray_init(workers: int) -> int:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray with ``workers`` CPUs."""
-    import ray
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=True)
-        else:
-            ray.init(num_cpus=workers or None, include_dashboard=False)
-    return max(1, int(ray.available_resources().get("CPU", 1)))
-
-
 def _convert_with_ray(
     source: Source, plan: Plan, todo: list[int], cfg: PrepareConfig
 ) -> Iterator[dict[str, Any]]:
     import ray
 
-    cpus = _ray_init(cfg.workers)
+    ray_init(cfg.workers)
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
     # OSError covers transient storage failures; a crashed worker process is retried anyway.
     task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(convert_shard)
     source_ref, queue, running = ray.put(source), collections.deque(todo), []

@@ -463,6 +463,40 @@ class ShardDataset(IterableDataset):
             yield collate(pixels, labels, keys)
 
 
+def shard_batches(
+    url: str,
+    manifest: Manifest,
+    batch_size: int,
+    limit: int | None = None,
+    counts: dict[str, int] | None = None,
+    retries: int = 5,
+) -> Iterator[torch.Tensor]:
+    """The first ``limit`` images of one shard, in stored order, as uint8 [B, 3, R, R] batches.
+
+    Faults are skipped and tallied into ``counts`` as the training stream does (bad samples,
+    short shards), so one bad image does not sink an evaluation.
+    """
+    counters = _Counters()
+    expected = {url: next(s.count for s in manifest.shards if url.endswith("/" + s.name))}
+    pixels: list[np.ndarray] = []
+    delivered = 0
+    for sample in _raw_samples(iter([url]), expected, counters, retries):
+        if limit is not None and delivered + len(pixels) == limit:
+            break
+        try:
+            pixels.append(decode_sample(sample, manifest.extension, manifest.resolution)[0])
+        except Exception as exc:  # undecodable: skipped and counted, as in training
+            counters.skip("decode_errors", exc)
+        if len(pixels) == batch_size:
+            yield collate(pixels, [], [])["image"].contiguous()
+            delivered, pixels = delivered + len(pixels), []
+    if pixels:
+        yield collate(pixels, [], [])["image"].contiguous()
+    counters.counts["samples"] = delivered + len(pixels)
+    if counts is not None:
+        counts.update(counters.counts)
+
+
 # ------------------------------------------------------------------------------ one rank
 
 

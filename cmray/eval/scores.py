@@ -25,10 +25,17 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
     return float(values.mean()), float(values.std(unbiased=False))
 
 
-def knn_radii(features: torch.Tensor, k: int = 3) -> torch.Tensor:
-    """Distance from each feature to its k-th nearest neighbour in its own set (not itself)."""
-    distances = torch.cdist(features.double(), features.double())
-    return distances.kthvalue(k + 1, dim=1).values  # the 1st is the point itself, at 0
+def knn_radii(features: torch.Tensor, k: int = 3, batch: int = 4096) -> torch.Tensor:
+    """Distance from each feature to its k-th nearest neighbour in its own set (not itself).
+
+    Row blocks keep memory at ``batch`` x N distances, so 50,000 features need no 20 GB matrix.
+    """
+    support = features.double()
+    radii = [
+        torch.cdist(part, support).kthvalue(k + 1, dim=1).values  # the 1st is the point itself
+        for part in support.split(batch)
+    ]
+    return torch.cat(radii)
 
 
 def manifold_coverage(

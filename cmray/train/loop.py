@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 from torch import nn
 
@@ -79,13 +80,9 @@ def make_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
     return cls(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
-def load_model(source: str, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig]:
-    """A run's sampling model from a checkpoint (path or URL) or a local run directory (its
-    newest complete checkpoint): the first EMA copy.
-
-    The checkpoint carries its own config, so the network is rebuilt exactly as trained: f_theta
-    for CD/CT runs, the EDM denoiser D for teacher runs.
-    """
+def checkpoint_state(source: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Where the state file of ``source`` is: a checkpoint (path or URL) or a local run
+    directory's newest complete checkpoint. FileNotFoundError names what was looked for."""
     fs, path = url_to_fs(source.rstrip("/") + "/" + ckpt.STATE_FILE)
     if not fs.exists(path) and "://" not in source:  # a local run directory: its newest
         newest = ckpt.latest_checkpoint(source)
@@ -93,6 +90,17 @@ def load_model(source: str, device: torch.device | str = "cpu") -> tuple[nn.Modu
             fs, path = url_to_fs(str(newest / ckpt.STATE_FILE))
     if not fs.exists(path):
         raise FileNotFoundError(f"no checkpoint at {source} (looked for {path})")
+    return fs, path
+
+
+def load_model(source: str, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig]:
+    """A run's sampling model from a checkpoint (path or URL) or a local run directory (its
+    newest complete checkpoint): the first EMA copy.
+
+    The checkpoint carries its own config, so the network is rebuilt exactly as trained: f_theta
+    for CD/CT runs, the EDM denoiser D for teacher runs.
+    """
+    fs, path = checkpoint_state(source)
     with fs.open(path, "rb") as fh:
         data = torch.load(fh, weights_only=True, map_location="cpu")
     cfg = from_dict(TrainConfig, data["config"])

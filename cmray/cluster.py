@@ -1,0 +1,18 @@
+"""Joining or starting Ray for the drivers that fan work out as tasks or actors."""
+
+from __future__ import annotations
+
+import os
+
+
+def ray_init(num_cpus: int | None = None) -> dict[str, float]:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray with ``num_cpus`` CPUs (all,
+    when None or 0). Returns the cluster's total resources."""
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)
+        else:
+            ray.init(num_cpus=num_cpus or None, include_dashboard=False)
+    return ray.cluster_resources()

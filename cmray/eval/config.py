@@ -1,0 +1,85 @@
+"""Typed settings of sample-quality evaluation (``pipelines/evaluate.py``, ``cmray eval``)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Literal
+
+from cmray.config import ConfigError, param
+
+
+@dataclass
+class SamplingConfig:
+    """Which samplers are scored: one step, and multistep (Algorithm 1) on a Karras grid."""
+
+    steps: int = param(2, help="also score this many steps (1: one-step only)", ge=1, le=16)
+    indices: list[int] = param(
+        default_factory=list,
+        help="the official sampler's ts on the N-point grid, e.g. [0, 17, 39]; "
+        "empty: found by the greedy ternary search",
+    )
+    N: int = param(
+        0, help="Karras grid points for the taus (0: the run's CD N, or CT's s1 + 1)", ge=0
+    )
+    search_samples: int = param(
+        10_000, help="samples scored per candidate during the ternary search", ge=2
+    )
+
+    def __post_init__(self) -> None:
+        if not self.indices:
+            return
+        if len(self.indices) != self.steps + 1:
+            raise ConfigError(
+                f"sampling.indices {self.indices} has {len(self.indices)} entries; "
+                f"{self.steps} steps need {self.steps + 1} (0, the intermediate ones, N - 1)",
+                key="sampling.indices",
+            )
+        if self.indices[0] != 0 or any(b <= a for a, b in itertools.pairwise(self.indices)):
+            raise ConfigError(
+                f"sampling.indices {self.indices} must start at 0 and increase",
+                key="sampling.indices",
+            )
+
+
+@dataclass
+class EvalConfig:
+    """Score a trained model's samples against a dataset's reference statistics."""
+
+    model: str = param("", help="checkpoint directory or URL, or a local run directory")
+    manifest: str = param("", help="the real images' dataset; reference statistics sit beside")
+    features: Literal["inception", "digits"] = param(
+        "inception",
+        help="inception: FID's Inception-v3 (comparable with papers); "
+        "digits: the shipped digits classifier (a CPU proxy, not FID)",
+    )
+    weights: str = param(
+        "",
+        help="feature network weights: local path or fsspec URL "
+        "(empty: the torch hub cache for inception, the shipped file for digits)",
+    )
+    num_samples: int = param(50_000, help="generated samples scored per sampler", ge=2)
+    ref_count: int = param(
+        50_000, help="real images in the reference statistics (all, if the set is smaller)", ge=2
+    )
+    pr_count: int = param(
+        10_000, help="features per side for precision/recall (k-NN manifolds)", ge=4
+    )
+    pr_k: int = param(3, help="k of the k-NN manifolds", ge=1)
+    batch_size: int = param(250, help="images per task (generation and featurization)", ge=1)
+    sampling: SamplingConfig = param(
+        default_factory=SamplingConfig, help="one-step and multistep sampling"
+    )
+    seed: int = param(0, help="noise seed; results do not depend on the number of workers")
+    workers: int = param(
+        0,
+        help="Ray actors (0: one per GPU with use_gpu, else one per CPU; -1: no Ray, in-process)",
+        ge=-1,
+    )
+    use_gpu: bool = param(False, help="one GPU per actor")
+    cpus_per_worker: float = param(1.0, help="CPUs reserved per actor", gt=0)
+    out: str = param("", help="output directory for eval.json and samples.png")
+
+    def __post_init__(self) -> None:
+        if not self.manifest:
+            raise ConfigError("manifest is empty; give the real images' dataset", key="manifest")

@@ -1,0 +1,262 @@
+"""The evaluation driver: reference statistics, one-step and multistep scores, the search.
+
+``compute_ref_stats`` featurizes a dataset's real images once and saves the statistics beside
+its manifest. ``evaluate`` scores a model's one-step samples and its multistep samples
+(Algorithm 1, taus given or found by the greedy ternary search), then writes ``eval.json`` and
+``samples.png`` (the first rows one-step, the last rows multistep, from the same noise).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cmray.config import from_dict
+from cmray.core.sampling import taus_from_indices
+from cmray.data.manifest import Manifest, read_manifest
+from cmray.eval.config import EvalConfig
+from cmray.eval.featurizer import SampleTask
+from cmray.eval.frechet import RunningGaussian, frechet_distance
+from cmray.eval.images import grid_png
+from cmray.eval.reference import (
+    RefStats,
+    load_ref_stats,
+    ref_stats_url,
+    save_ref_stats,
+    shard_tasks,
+    stale_reason,
+    summarize,
+)
+from cmray.eval.runner import Runner
+from cmray.eval.scores import inception_score, precision_recall
+from cmray.eval.search import greedy_indices
+from cmray.storage import join_url, write_bytes_atomic
+from cmray.train.config import TrainConfig
+
+Log = Callable[[str], None]
+GRID_IMAGES = 32  # per sampler
+
+
+def _chunks(count: int, size: int) -> list[tuple[int, int]]:
+    return [(c, min(size, count - start)) for c, start in enumerate(range(0, count, size))]
+
+
+def reference_stats(
+    runner: Runner, cfg: EvalConfig, manifest: Manifest, log: Log, recompute: bool = False
+) -> RefStats:
+    """The saved statistics if they fit these weights, shards and count; else made and saved.
+
+    Statistics are a deterministic function of those three, so replacing stale ones loses
+    nothing, and comparing against them would silently give a wrong figure.
+    """
+    identity = runner.identity()
+    stats = None if recompute else load_ref_stats(cfg.manifest, cfg.features)
+    if stats is not None:
+        reason = stale_reason(stats, identity, manifest, cfg.ref_count)
+        if reason is None:
+            return stats
+        log(f"recomputing {ref_stats_url(cfg.manifest, cfg.features)}: {reason}")
+    tasks = shard_tasks(manifest, cfg.manifest, cfg.ref_count)
+    results = runner.run(tasks, "reference images")
+    stats = summarize(results, identity, manifest, cfg.ref_count, cfg.pr_count)
+    log(f"reference statistics of {stats.count} images: {save_ref_stats(stats, cfg.manifest)}")
+    return stats
+
+
+def compute_ref_stats(cfg: EvalConfig, log: Log = print) -> RefStats:
+    """``cmray eval ref-stats``: (re)compute and save a dataset's reference statistics."""
+    manifest = read_manifest(cfg.manifest)
+    with Runner(cfg, with_model=False) as runner:
+        return reference_stats(runner, cfg, manifest, log, recompute=True)
+
+
+@dataclass
+class Samples:
+    """What a sampler's samples reduce to: their Gaussian, some features, logits, a few images."""
+
+    gaussian: RunningGaussian
+    pr_features: torch.Tensor
+    logits: torch.Tensor
+    images: torch.Tensor
+    seconds: float
+
+
+def sample_features(
+    runner: Runner, cfg: EvalConfig, taus: tuple[float, ...], count: int, desc: str
+) -> Samples:
+    tasks = [
+        SampleTask(c, n, taus, keep_images=GRID_IMAGES if c == 0 else 0)
+        for c, n in _chunks(count, cfg.batch_size)
+    ]
+    gaussian, kept, logits, images = RunningGaussian(), [], [], None
+    start = time.perf_counter()
+    for result in runner.run(tasks, desc):
+        gaussian.add(result["pool"])
+        kept.append(result["pool"][: max(0, cfg.pr_count - sum(len(k) for k in kept))])
+        logits.append(result["logits"])
+        images = result["images"] if images is None else images
+    elapsed = time.perf_counter() - start
+    return Samples(gaussian, torch.cat(kept), torch.cat(logits), images, elapsed)
+
+
+def figures(samples: Samples, ref: RefStats, names: dict[str, str], k: int) -> dict[str, float]:
+    """FID (or the proxy's Frechet distance), the Inception-style score and precision/recall."""
+    is_mean, is_std = inception_score(samples.logits, splits=min(10, len(samples.logits)))
+    precision, recall = precision_recall(ref.pr_features.float(), samples.pr_features, k)
+    return {
+        names["frechet"]: frechet_distance(*samples.gaussian.stats(), ref.mu, ref.sigma),
+        names["score"]: is_mean,
+        names["score"] + "_std": is_std,
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+def grid_size(cfg: EvalConfig, train: TrainConfig) -> int:
+    """N of the Karras grid the taus index: configured, else the run's CD N or CT's s1 + 1."""
+    if cfg.sampling.N:
+        return cfg.sampling.N
+    obj = train.objective
+    if obj.kind == "cd":
+        return obj.cd.N
+    if obj.kind == "ct":
+        return obj.ct.s1 + 1
+    raise ValueError(f"{cfg.model} is an EDM teacher, not a consistency model; evaluate CD/CT runs")
+
+
+class Evaluation:
+    """One evaluation's state: runner, reference, the model's config and the figure names."""
+
+    def __init__(self, runner: Runner, cfg: EvalConfig, ref: RefStats, train: TrainConfig):
+        self.runner, self.cfg, self.ref, self.train = runner, cfg, ref, train
+        identity = runner.identity()
+        self.names = {"frechet": identity["frechet"], "score": identity["score"]}
+        self.N = grid_size(cfg, train)
+
+    def taus(self, indices: tuple[int, ...]) -> tuple[float, ...]:
+        noise = self.train.objective.noise
+        args = (indices, self.N, noise.sigma_min, noise.sigma_max, noise.rho)
+        return tuple(taus_from_indices(*args))
+
+    def score(self, indices: tuple[int, ...], count: int, desc: str) -> tuple[dict, Samples]:
+        samples = sample_features(self.runner, self.cfg, self.taus(indices), count, desc)
+        result = {
+            "sampler": f"{len(indices) - 1}-step",
+            "nfe": len(indices) - 1,
+            "indices": list(indices),
+            "taus": list(self.taus(indices)),
+            **figures(samples, self.ref, self.names, self.cfg.pr_k),
+            "samples": count,
+            "samples_per_s": count / samples.seconds,
+        }
+        return result, samples
+
+    def search(self, log: Log) -> tuple[tuple[int, ...], dict[str, Any]]:
+        """Greedy ternary search on the Frechet figure, with the same noise for every candidate."""
+        frechet = self.names["frechet"]
+
+        def objective(indices: tuple[int, ...]) -> float:
+            result, _ = self.score(indices, self.cfg.sampling.search_samples, f"search {indices}")
+            log(f"search: indices {list(indices)} -> {frechet} {result[frechet]:.3f}")
+            return result[frechet]
+
+        found = greedy_indices(objective, self.N, self.cfg.sampling.steps)
+        report = {
+            "N": self.N,
+            "metric": frechet,
+            "samples": self.cfg.sampling.search_samples,
+            "evaluated": [{"indices": list(k), frechet: v} for k, v in found.evaluated.items()],
+            "chosen": list(found.indices),
+        }
+        return found.indices, report
+
+
+def evaluate(cfg: EvalConfig, log: Log = print) -> dict[str, Any]:
+    """Score one-step and ``sampling.steps``-step samples; write eval.json and samples.png."""
+    if not cfg.model or not cfg.out:
+        raise ValueError("evaluation needs model (a checkpoint or run) and out (a directory)")
+    manifest = read_manifest(cfg.manifest)
+    with Runner(cfg, with_model=True) as runner:
+        ref = reference_stats(runner, cfg, manifest, log)
+        ev = Evaluation(runner, cfg, ref, from_dict(TrainConfig, runner.model_config()))
+        results, grids, search = [], [], None
+        plans: list[tuple[int, ...]] = [(0, ev.N - 1)]
+        if cfg.sampling.steps > 1:
+            indices = tuple(cfg.sampling.indices)
+            if not indices:
+                indices, search = ev.search(log)
+            plans.append(indices)
+        for indices in plans:
+            result, samples = ev.score(indices, cfg.num_samples, f"{len(indices) - 1}-step")
+            results.append(result)
+            grids.append(samples.images)
+        report = _report(cfg, ref, runner.identity(), results, search)
+    _write(cfg.out, report, torch.cat(grids))
+    return report
+
+
+def _report(
+    cfg: EvalConfig,
+    ref: RefStats,
+    identity: dict[str, str],
+    results: list[dict[str, Any]],
+    search: dict[str, Any] | None,
+) -> dict[str, Any]:
+    return {
+        "model": cfg.model,
+        "manifest": cfg.manifest,
+        "features": identity,
+        "reference": {"count": ref.count, "split_half_frechet": ref.split_half},
+        "seed": cfg.seed,
+        "results": results,
+        "search": search,
+    }
+
+
+def _write(out: str, report: dict[str, Any], grid: torch.Tensor) -> None:
+    write_bytes_atomic(join_url(out, "eval.json"), (json.dumps(report, indent=2) + "\n").encode())
+    write_bytes_atomic(join_url(out, "samples.png"), grid_png(grid.float().div(127.5).sub(1)))
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """One line per sampler, for the console."""
+    frechet = report["features"]["frechet"]
+    lines = []
+    for r in report["results"]:
+        lines.append(
+            f"{r['sampler']} (NFE {r['nfe']}, indices {r['indices']}): {frechet} "
+            f"{r[frechet]:.3f}  precision {r['precision']:.3f}  recall {r['recall']:.3f}  "
+            f"{r['samples_per_s']:.1f} samples/s"
+        )
+    split = report["reference"]["split_half_frechet"]
+    lines.append(f"reference: {report['reference']['count']} real images; two halves {split:.3f}")
+    return lines
+
+
+def preflight(cfg: EvalConfig, with_model: bool) -> None:
+    """Fail before Ray starts when the dataset, the model or the feature weights are missing.
+
+    Weights in the torch hub cache can only be checked here when this machine is the cluster
+    (no RAY_ADDRESS); on a cluster each worker stages them and names a missing file itself.
+    """
+    import os
+
+    from cmray.eval.features import stage_inception
+    from cmray.storage import url_to_fs
+    from cmray.train.loop import checkpoint_state
+    from cmray.weights import WeightsNotFoundError
+
+    read_manifest(cfg.manifest)
+    if with_model:
+        checkpoint_state(cfg.model)
+    if cfg.weights:
+        fs, path = url_to_fs(cfg.weights)
+        if not fs.isfile(path):
+            raise WeightsNotFoundError(f"feature weights {cfg.weights!r} not found")
+    elif cfg.features == "inception" and not os.environ.get("RAY_ADDRESS"):
+        stage_inception(None)

@@ -1,0 +1,125 @@
+"""What one evaluation worker does: generate samples for a task, or read a shard, and featurize.
+
+No Ray here: :mod:`cmray.eval.runner` runs a :class:`Featurizer` in-process or as Ray actors.
+A task's result depends only on the task (its noise is seeded by the chunk index), so figures
+do not change with the number of workers, and a task retried after a worker died gives the same
+answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cmray.config import to_dict
+from cmray.core.sampling import sample_multistep
+from cmray.data.manifest import read_manifest
+from cmray.data.stream import shard_batches
+from cmray.eval.config import EvalConfig
+from cmray.eval.features import load_feature_net, weights_fingerprint
+from cmray.train.loop import load_model, rank_seed
+
+
+@dataclass(frozen=True)
+class SampleTask:
+    """Generate ``count`` samples of chunk ``chunk`` with taus (empty: one step)."""
+
+    chunk: int
+    count: int
+    taus: tuple[float, ...] = ()
+    keep_images: int = 0  # how many uint8 samples to send back (for the grid)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Featurize the first ``limit`` images of the shard at ``url``."""
+
+    url: str
+    limit: int
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] samples to uint8 pixels, truncating as the official sampler does before FID."""
+    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+
+
+def chunk_noise(
+    seed: int, chunk: int, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Generator]:
+    """x_T's unit noise for a chunk, and the generator for its later steps; both on the CPU, so
+    a chunk's samples are the same on any device and any worker."""
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(rank_seed(seed, chunk, "z")))
+    steps = torch.Generator().manual_seed(rank_seed(seed, chunk, "steps"))
+    return z, steps
+
+
+class Featurizer:
+    """A feature network, and the model when samples are wanted, on this worker's device."""
+
+    def __init__(self, cfg: EvalConfig, with_model: bool) -> None:
+        self.cfg = cfg
+        cuda = cfg.use_gpu and torch.cuda.is_available()
+        self.device = torch.device("cuda" if cuda else "cpu")
+        if not cuda:
+            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        self.net = load_feature_net(cfg.features, cfg.weights).to(self.device)
+        self.model, self.train_cfg = None, None
+        if with_model:
+            self.model, self.train_cfg = load_model(cfg.model, self.device)
+        self.manifest = read_manifest(cfg.manifest)
+
+    def identity(self) -> dict[str, str]:
+        """Which feature network this is (kind, weights fingerprint) and its figures' names."""
+        return {
+            "kind": self.cfg.features,
+            "weights_fingerprint": weights_fingerprint(self.net),
+            "description": self.net.description,
+            "frechet": self.net.frechet_name,
+            "score": self.net.score_name,
+        }
+
+    def model_config(self) -> dict[str, Any]:
+        """The evaluated run's resolved training config (its noise range and schedule)."""
+        if self.train_cfg is None:
+            raise RuntimeError("this featurizer was built without a model")
+        return to_dict(self.train_cfg)
+
+    @torch.no_grad()
+    def featurize(self, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Pool features and logits of uint8 batches, on the CPU in float32."""
+        pools, logits = [], []
+        for images in batches:
+            pool, logit = self.net(images.to(self.device))
+            pools.append(pool.float().cpu())
+            logits.append(logit.float().cpu())
+        if not pools:
+            return {"pool": torch.empty(0, 0), "logits": torch.empty(0, 0)}
+        return {"pool": torch.cat(pools), "logits": torch.cat(logits)}
+
+    @torch.no_grad()
+    def samples(self, task: SampleTask) -> dict[str, torch.Tensor]:
+        if self.model is None or self.train_cfg is None:
+            raise RuntimeError("this featurizer was built without a model")
+        net, noise = self.train_cfg.net, self.train_cfg.objective.noise
+        shape = (task.count, net.in_channels, net.resolution, net.resolution)
+        z, steps = chunk_noise(self.cfg.seed, task.chunk, shape)
+        x = sample_multistep(
+            self.model,
+            z.to(self.device),
+            task.taus,
+            steps,
+            noise.sigma_min,
+            noise.sigma_max,
+            clip=(-1.0, 1.0),
+        ).x
+        images = to_uint8(x)
+        features = self.featurize(images.split(self.cfg.batch_size))
+        return {**features, "images": images[: task.keep_images].cpu()}
+
+    def reals(self, task: ShardTask) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        batches = shard_batches(task.url, self.manifest, self.cfg.batch_size, task.limit, counts)
+        return {**self.featurize(batches), "counts": counts}

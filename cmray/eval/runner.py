@@ -1,0 +1,106 @@
+"""Run featurizer tasks in this process or on a pool of Ray actors, in task order.
+
+Each actor loads the model and the feature network once (staging weights from their URL on its
+own node, as training does for LPIPS), then serves many tasks. Results come back in task order
+so the running sums are the same whatever the pool size. A dead actor is restarted by Ray and
+its task retried; tasks are deterministic, so a retry changes nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from cmray.eval.config import EvalConfig
+from cmray.eval.featurizer import Featurizer, SampleTask, ShardTask
+
+Task = SampleTask | ShardTask
+
+
+def _method(task: Task) -> str:
+    return "samples" if isinstance(task, SampleTask) else "reals"
+
+
+def _images(task: Task) -> int:
+    return task.count if isinstance(task, SampleTask) else task.limit
+
+
+def actor_count(cfg: EvalConfig, resources: dict[str, float]) -> int:
+    """``cfg.workers``, or as many actors as the cluster holds (GPUs, or CPUs per actor)."""
+    if cfg.workers > 0:
+        return cfg.workers
+    if cfg.use_gpu:
+        gpus = int(resources.get("GPU", 0))
+        if gpus < 1:
+            raise ValueError("use_gpu is set but the Ray cluster has no GPU; unset use_gpu")
+        return gpus
+    return max(1, int(resources.get("CPU", 1) // cfg.cpus_per_worker))
+
+
+class Runner:
+    """Featurizers in-process (``workers = -1``) or as Ray actors; use as a context manager."""
+
+    def __init__(self, cfg: EvalConfig, with_model: bool) -> None:
+        self.cfg, self.with_model = cfg, with_model
+        self.local: Featurizer | None = None
+        self.actors: list[Any] = []
+
+    def __enter__(self) -> Runner:
+        if self.cfg.workers == -1:
+            self.local = Featurizer(self.cfg, self.with_model)
+            return self
+        import ray
+
+        from cmray.cluster import ray_init
+
+        count = actor_count(self.cfg, ray_init())
+        actor = ray.remote(
+            num_cpus=self.cfg.cpus_per_worker,
+            num_gpus=1 if self.cfg.use_gpu else 0,
+            max_restarts=2,
+            max_task_retries=2,
+        )(Featurizer)
+        self.actors = [actor.remote(self.cfg, self.with_model) for _ in range(count)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.actors:
+            import ray
+
+            for handle in self.actors:
+                ray.kill(handle)
+            self.actors = []
+
+    def identity(self) -> dict[str, str]:
+        return self._call("identity")
+
+    def model_config(self) -> dict[str, Any]:
+        return self._call("model_config")
+
+    def _call(self, method: str) -> Any:
+        if self.local is not None:
+            return getattr(self.local, method)()
+        import ray
+
+        return ray.get(getattr(self.actors[0], method).remote())
+
+    def run(self, tasks: Sequence[Task], desc: str) -> Iterator[dict[str, Any]]:
+        """Each task's result, in order, with a progress bar in images on stderr."""
+        total = sum(_images(t) for t in tasks)
+        with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=None) as bar:
+            for task, result in zip(tasks, self._results(tasks), strict=True):
+                bar.update(_images(task))
+                yield result
+
+    def _results(self, tasks: Sequence[Task]) -> Iterator[dict[str, Any]]:
+        if self.local is not None:
+            for task in tasks:
+                yield getattr(self.local, _method(task))(task)
+            return
+        from ray.util import ActorPool
+
+        pool = ActorPool(self.actors)
+        yield from pool.map(lambda a, t: getattr(a, _method(t)).remote(t), list(tasks))
