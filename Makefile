@@ -16,11 +16,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The whole small pipeline: real images -> local shards -> CT on 2 Ray Train CPU workers ->
-# checkpoints -> a sample grid and a one-line quality figure (about 6 minutes on 2 cores).
+# checkpoints -> one- and two-step samples scored on 2 Ray actors with the digits-classifier
+# proxy (not FID) -> runs/demo/eval/{eval.json,samples.png} (about 7 minutes on 2 cores).
 demo: $(STAMP)
 	$(BIN)/python pipelines/prepare_data.py --source digits --out $(DATA) --resolution 16 --workers -1
 	$(BIN)/python pipelines/train.py --config configs/digits_ct.yaml --set data.manifest=$(DATA)/manifest.json
-	$(BIN)/python pipelines/quality.py --run runs/train/digits_ct --manifest $(DATA) --out runs/demo/samples.png
+	$(BIN)/python pipelines/evaluate.py --config configs/eval_digits.yaml --set manifest=$(DATA) --set out=runs/demo/eval
 
 demo-toy2d: $(STAMP)
 	$(BIN)/python pipelines/toy2d.py --out $(OUT)

@@ -233,3 +233,26 @@ def test_ray_actors_give_the_in_process_figures(
         assert a["precision"] == b["precision"] and a["recall"] == b["recall"]
     png = (tmp_path / "a" / "samples.png").read_bytes()
     assert png == (tmp_path / "b" / "samples.png").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["eval_digits", "eval_lsun_bedroom256"])
+def test_shipped_eval_configs_load(name: str) -> None:
+    from cmray.config import load_config
+
+    cfg = load_config(EvalConfig, Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    assert cfg.sampling.steps == 2 and not cfg.sampling.indices  # the search picks the taus
+    if name == "eval_lsun_bedroom256":  # the paper's protocol
+        assert (cfg.features, cfg.num_samples, cfg.ref_count, cfg.pr_k) == (
+            "inception",
+            50_000,
+            50_000,
+            3,
+        )
+
+
+def test_unreadable_ref_stats_count_as_missing(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "ref-stats-digits.pt").write_bytes(b"not a torch file")
+    assert load_ref_stats(str(tmp_path), "digits") is None
+    torch.save({"format": "cmray-ref-stats/1", "old_field": 1}, tmp_path / "ref-stats-digits.pt")
+    assert load_ref_stats(str(tmp_path), "digits") is None

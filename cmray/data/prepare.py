@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import collections
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
-
-from tqdm import tqdm
 
 from cmray.cluster import ray_init
 from cmray.data.config import PrepareConfig
@@ -25,6 +22,7 @@ from cmray.data.writer import (
     finished_records,
     make_plan,
 )
+from cmray.progress import Progress
 from cmray.storage import join_url, url_to_fs, write_bytes_atomic
 
 Log = Callable[[str], None]
@@ -107,7 +105,7 @@ def prepare(cfg: PrepareConfig, log: Log = print) -> Manifest:
     )
     convert = _convert_inline if cfg.workers < 0 else _convert_with_ray
     start = time.perf_counter()
-    with tqdm(total=images, unit="img", file=sys.stderr, disable=None) as bar:
+    with Progress(images, "shards") as bar:
         for record in convert(source, plan, todo, cfg):
             records[record["name"]] = record
             bar.update(record["count"] + record["skipped"])

@@ -10,6 +10,7 @@ statistics are recomputed rather than silently compared.
 from __future__ import annotations
 
 import io
+import pickle
 import posixpath
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -46,9 +47,12 @@ class RefStats:
     @classmethod
     def from_bytes(cls, data: bytes) -> RefStats:
         raw = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-        if raw.pop("format", None) != FORMAT:
+        if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
             raise ValueError(f"not a {FORMAT} file")
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except TypeError as exc:  # written by another version of cmray
+            raise ValueError(f"unreadable {FORMAT} file: {exc}") from None
 
 
 def ref_stats_url(manifest: str, features: str) -> str:
@@ -107,12 +111,16 @@ def save_ref_stats(stats: RefStats, manifest: str) -> str:
 
 
 def load_ref_stats(manifest: str, features: str) -> RefStats | None:
-    """The saved statistics, or None when there are none yet."""
+    """The saved statistics; None when there are none, or none this version can read."""
     fs, path = url_to_fs(ref_stats_url(manifest, features))
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as fh:
-        return RefStats.from_bytes(fh.read())
+        data = fh.read()
+    try:
+        return RefStats.from_bytes(data)
+    except (ValueError, RuntimeError, pickle.UnpicklingError):
+        return None
 
 
 def stale_reason(

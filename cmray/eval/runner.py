@@ -8,14 +8,12 @@ its task retried; tasks are deterministic, so a retry changes nothing.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from tqdm import tqdm
-
 from cmray.eval.config import EvalConfig
 from cmray.eval.featurizer import Featurizer, SampleTask, ShardTask
+from cmray.progress import Progress
 
 Task = SampleTask | ShardTask
 
@@ -88,9 +86,9 @@ class Runner:
         return ray.get(getattr(self.actors[0], method).remote())
 
     def run(self, tasks: Sequence[Task], desc: str) -> Iterator[dict[str, Any]]:
-        """Each task's result, in order, with a progress bar in images on stderr."""
+        """Each task's result, in order, with progress in images on stderr."""
         total = sum(_images(t) for t in tasks)
-        with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=None) as bar:
+        with Progress(total, desc) as bar:
             for task, result in zip(tasks, self._results(tasks), strict=True):
                 bar.update(_images(task))
                 yield result
