@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,3 +92,77 @@ def digits_model(digits16: str, tmp_path_factory: pytest.TempPathFactory) -> str
     out = tmp_path_factory.mktemp("digits-model")
     run_local(tiny_config(digits16, steps=2, checkpoint_every=2), out, log=lambda _: None)
     return str(out / "checkpoints")  # the newest checkpoint is used
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclasses.dataclass
+class MlflowServer:
+    uri: str
+    proc: Any
+
+    def kill(self) -> None:
+        """SIGKILL the server and its workers (its own process group), as a crash would."""
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def running_mlflow_server(root: Path, artifacts: str, endpoint: str) -> Iterator[MlflowServer]:
+    """A real ``mlflow server``: SQLite backend, artifacts in S3 (moto) written by clients
+    through MLFLOW_S3_ENDPOINT_URL, as with an S3-compatible store in production."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": endpoint}
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
+    command += ["--default-artifact-root", artifacts, "--no-serve-artifacts", "--workers", "1"]
+    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1).read()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError((root / "server.log").read_text()[-2000:]) from None
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("mlflow server did not become healthy in 120 s")
+        yield MlflowServer(uri, proc)
+    finally:
+        MlflowServer(uri, proc).kill()
+        proc.wait(30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A module's tracking server, with MLFLOW_S3_ENDPOINT_URL set for the test's clients."""
+    import s3fs
+
+    bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+    os.environ["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint
+    root = tmp_path_factory.mktemp("mlflow")
+    try:
+        with running_mlflow_server(root, f"s3://{bucket}/artifacts", s3_endpoint) as server:
+            yield server.uri
+    finally:
+        os.environ.pop("MLFLOW_S3_ENDPOINT_URL", None)

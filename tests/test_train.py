@@ -46,6 +46,7 @@ def tiny_config(manifest: str, **loop: object) -> TrainConfig:
                 **loop,
             },
             "run": {"num_workers": 1},
+            "tracking": {"enabled": False},  # MLflow has its own tests
         },
     )
 

@@ -12,6 +12,7 @@ from typing import Literal
 from cmray.config import ConfigError, param
 from cmray.data.config import StreamConfig
 from cmray.nets.unet import UNetConfig
+from cmray.tracking.config import TrackingConfig
 from cmray.train.curriculum import CurriculumConfig
 from cmray.train.toy_config import NoiseConfig
 
@@ -129,6 +130,7 @@ class TrainConfig:
     optim: OptimConfig = param(default_factory=OptimConfig, help="the optimiser")
     loop: LoopConfig = param(default_factory=LoopConfig, help="the loop")
     run: RayConfig = param(default_factory=RayConfig, help="execution and storage")
+    tracking: TrackingConfig = param(default_factory=TrackingConfig, help="MLflow")
 
     def __post_init__(self) -> None:
         if not self.data.manifest:

@@ -26,6 +26,7 @@ from cmray.core.sampling import sample_onestep, sample_teacher_ode
 from cmray.data.stream import ShardStream
 from cmray.nets.unet import UNet
 from cmray.storage import url_to_fs
+from cmray.tracking.config import is_mlflow_uri
 from cmray.train import state as ckpt
 from cmray.train.config import TrainConfig
 from cmray.train.objectives import (
@@ -93,23 +94,58 @@ def checkpoint_state(source: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
-def load_model(source: str, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig]:
-    """A run's sampling model from a checkpoint (path or URL) or a local run directory (its
-    newest complete checkpoint): the first EMA copy.
+MODEL_FORMAT = "cmray-model/1"
 
-    The checkpoint carries its own config, so the network is rebuilt exactly as trained: f_theta
-    for CD/CT runs, the EDM denoiser D for teacher runs.
+
+def load_model(source: str, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig]:
+    """A run's sampling model and its training config, from any of:
+
+    - a checkpoint directory or URL (its first EMA copy), or a local run directory (its newest
+      complete checkpoint);
+    - a model file written by :func:`save_model_file`;
+    - an MLflow model URI (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/model``).
+
+    The network is rebuilt from the saved config: f_theta for CD/CT runs, D for EDM teachers.
     """
-    fs, path = checkpoint_state(source)
+    if is_mlflow_uri(source):
+        from cmray.tracking.models import fetch_model
+
+        source = str(fetch_model(source))
+    if source.endswith(".pt"):
+        fs, path = url_to_fs(source)
+    else:
+        fs, path = checkpoint_state(source)
     with fs.open(path, "rb") as fh:
         data = torch.load(fh, weights_only=True, map_location="cpu")
     cfg = from_dict(TrainConfig, data["config"])
     net = build_net(cfg)
+    if data.get("format") == MODEL_FORMAT:
+        net.load_state_dict(data["weights"])
+        return frozen_copy(net).to(device).eval(), cfg
     ema = EMABank(net, cfg.loop.ema_rates)
     ema.load_state_dict(data["ema"])
     if not ema.rates:
         net.load_state_dict(data["online"])
     return frozen_copy(ema.copies[0] if ema.rates else net).to(device).eval(), cfg
+
+
+def sampling_model(trainer: Trainer) -> nn.Module:
+    """The model samples come from: the first EMA copy, or the online net without EMA."""
+    state = trainer.state
+    return state.ema.copies[0] if state.ema.rates else unwrap(state.online)
+
+
+def save_model_file(trainer: Trainer, path: str | Path) -> Path:
+    """The sampling model and the resolved config in one file, for MLflow and ``cmray fetch``."""
+    data = {
+        "format": MODEL_FORMAT,
+        "config": to_dict(trainer.cfg),
+        "weights": sampling_model(trainer).state_dict(),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(data, path)
+    return path
 
 
 def load_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module:
@@ -171,8 +207,8 @@ def build_trainer(
 @torch.no_grad()
 def sample_grid(trainer: Trainer, count: int, seed: int = 0) -> torch.Tensor:
     """Samples from the first EMA copy, in [-1, 1]: one step (Algorithm 1) for CD/CT runs."""
-    state, cfg = trainer.state, trainer.cfg
-    model = state.ema.copies[0] if state.ema.rates else unwrap(state.online)
+    cfg = trainer.cfg
+    model = sampling_model(trainer)
     shape = (count, cfg.net.in_channels, cfg.net.resolution, cfg.net.resolution)
     g = torch.Generator(device=trainer.device).manual_seed(seed)
     z = torch.randn(shape, generator=g, device=trainer.device)
@@ -267,14 +303,24 @@ def run_local(
         ckpt.load_checkpoint(trainer.state, latest, rank=0)
         log(f"resumed from {latest} at step {trainer.state.step}")
     stream = ShardStream(cfg.data, 0, 1, device=device)
+    from cmray.train.tracking import finish_tracking, grid_image, start_tracking
+
+    tracker = start_tracking(cfg, run_key=str(out.resolve()))
 
     def report(metrics: dict[str, float], save: bool) -> None:
         log(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if on_metrics is not None:
             on_metrics(metrics)
+        if tracker is not None:
+            tracker.log_metrics(metrics, trainer.state.step)
         if save:
             path = out / "checkpoints" / ckpt.checkpoint_name(trainer.state.step)
             ckpt.save_checkpoint(trainer.state, path, rank=0, world_size=1)
 
-    run_loop(trainer, stream, Hooks(report))
+    def sample(step: int, images: torch.Tensor) -> None:
+        if tracker is not None:
+            tracker.log_image(grid_image(images), "samples", step)
+
+    run_loop(trainer, stream, Hooks(report, sample if tracker is not None else None))
+    finish_tracking(tracker, trainer)
     return trainer

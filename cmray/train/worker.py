@@ -19,9 +19,13 @@ import torch
 from cmray.config import from_dict, to_dict
 from cmray.data.stream import ShardStream
 from cmray.eval.images import save_grid
+from cmray.storage import url_to_fs
+from cmray.tracking import resolve_tracking_uri
+from cmray.tracking.config import is_mlflow_uri
 from cmray.train import state as ckpt
 from cmray.train.config import TrainConfig
-from cmray.train.loop import Hooks, Trainer, build_trainer, run_loop
+from cmray.train.loop import Hooks, Trainer, build_trainer, checkpoint_state, run_loop
+from cmray.train.tracking import finish_tracking, grid_image, start_tracking
 
 SAMPLE_FILE = "samples.png"
 # Chaos testing: the worker of rank 0 kills its own process once, after this step, so a cluster's
@@ -84,17 +88,24 @@ def train_worker(config: dict[str, Any]) -> None:
     _resume(trainer)
     stream = ShardStream(cfg.data, rank, world, device=device)
     grid: list[torch.Tensor] = []
+    key = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+    tracker = start_tracking(cfg, run_key=key) if rank == 0 else None
 
     def sample(step: int, images: torch.Tensor) -> None:
         grid[:] = [images.cpu()]
+        if tracker is not None:
+            tracker.log_image(grid_image(images), "samples", step)
 
     def report(metrics: dict[str, float], save: bool) -> None:
         if rank == 0:
             print(progress_line(metrics, cfg.loop.steps, save), flush=True)
+        if tracker is not None:
+            tracker.log_metrics(metrics, trainer.state.step)
         _report(trainer, metrics, save, grid)
         _maybe_kill_self(trainer)
 
     run_loop(trainer, stream, Hooks(report, sample if rank == 0 else None))
+    finish_tracking(tracker, trainer)
 
 
 def _storage(path: str) -> tuple[str, Any]:
@@ -123,6 +134,8 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     cfg.objective.cd.teacher = fix(cfg.objective.cd.teacher)
     cfg.objective.lpips_weights = fix(cfg.objective.lpips_weights)
     cfg.run.storage_path = fix(cfg.run.storage_path)
+    if cfg.tracking.enabled:  # the driver's MLFLOW_TRACKING_URI or local store, for every worker
+        cfg.tracking.tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     return cfg
 
 
@@ -141,15 +154,17 @@ def preflight(cfg: TrainConfig) -> None:
             f"{manifest.resolution}x{manifest.resolution}",
             key="net.resolution",
         )
-    if cfg.objective.kind == "cd":
-        from cmray.storage import url_to_fs
-
-        fs, path = url_to_fs(cfg.objective.cd.teacher.rstrip("/") + "/" + ckpt.STATE_FILE)
-        if not fs.exists(path):
-            raise ConfigError(
-                f"objective.cd.teacher: no {ckpt.STATE_FILE} at {cfg.objective.cd.teacher}",
-                key="objective.cd.teacher",
-            )
+    teacher = cfg.objective.cd.teacher
+    if cfg.objective.kind == "cd" and not is_mlflow_uri(teacher):  # MLflow: fetched by workers
+        try:
+            if teacher.endswith(".pt"):
+                fs, path = url_to_fs(teacher)
+                if not fs.isfile(path):
+                    raise FileNotFoundError(f"no model file at {teacher}")
+            else:
+                checkpoint_state(teacher)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"objective.cd.teacher: {exc}", key="objective.cd.teacher") from None
 
 
 def launch(cfg: TrainConfig) -> Any:

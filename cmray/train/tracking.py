@@ -1,0 +1,54 @@
+"""What a training run records in MLflow, from rank 0: params, metrics, grids, the model."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmray.config import flatten, to_dict
+from cmray.tracking import Tracker
+from cmray.tracking.config import PARENT_RUN_ENV
+from cmray.train.config import TrainConfig
+from cmray.train.loop import Trainer, save_model_file
+
+
+def start_tracking(cfg: TrainConfig, run_key: str) -> Tracker | None:
+    """Rank 0's run (resumed when ``run_key`` already has one), with the config recorded."""
+    if not cfg.tracking.enabled:
+        return None
+    parent = os.environ.get(PARENT_RUN_ENV) or None
+    tracker = Tracker(cfg.tracking, cfg.run.name, run_key, flatten(cfg), parent)
+    tracker.log_dict(to_dict(cfg), "config.yaml")
+    return tracker
+
+
+def grid_image(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] samples as one uint8 HWC grid, as MLflow's image log takes it."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.add(1).div(2).clamp(0, 1), nrow=max(1, int(len(images) ** 0.5)))
+    return grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def finish_tracking(tracker: Tracker | None, trainer: Trainer) -> str | None:
+    """Log the final EMA model (registered when a registry name is set) and end the run."""
+    if tracker is None:
+        return None
+    cfg = trainer.cfg
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.tracking.log_model and trainer.state.step >= cfg.loop.steps:
+            path = save_model_file(trainer, Path(tmp) / "model.pt")
+            shape = (cfg.net.in_channels, cfg.net.resolution, cfg.net.resolution)
+            registry = cfg.tracking.registry_name
+
+            def log_model(_client: object, run_id: str) -> None:
+                from cmray.tracking.models import log_consistency_model
+
+                log_consistency_model(run_id, path, shape, registry)
+
+            tracker.submit(log_model, essential=True)
+        return tracker.close()  # waits for the queue, so the temporary file is still there
