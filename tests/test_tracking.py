@@ -119,3 +119,23 @@ def test_training_finishes_when_the_server_dies_mid_run(
     assert trainer.state.step == 6
     out = capsys.readouterr().out
     assert out.count("warning: MLflow at") == 1  # warned once, not per call
+
+
+def test_cd_takes_its_teacher_from_the_registry(
+    digits16: str, mlflow_server: str, tmp_path: Path
+) -> None:
+    """Issue 4's last item: objective.cd.teacher = models:/NAME@ALIAS."""
+    from mlflow import MlflowClient
+
+    teacher = tracked_config(digits16, mlflow_server, experiment="teach", registry_name="edm-t")
+    teacher.objective.kind, teacher.loop.steps = "edm", 2
+    run_local(teacher, tmp_path / "teacher", log=lambda _: None)
+    MlflowClient(mlflow_server).set_registered_model_alias("edm-t", "teacher", "1")
+
+    from test_train import tiny_config
+
+    cd = tiny_config(digits16, steps=2, checkpoint_every=2)
+    cd.objective.kind, cd.objective.cd.teacher = "cd", "models:/edm-t@teacher"
+    trainer = run_local(cd, tmp_path / "cd", log=lambda _: None)
+    assert trainer.state.step == 2
+    assert trainer.objective.teacher.training is False  # the fetched teacher is frozen

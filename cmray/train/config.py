@@ -21,7 +21,10 @@ from cmray.train.toy_config import NoiseConfig
 class CDConfig:
     """Consistency distillation (paper Eq. 7, Algorithm 2) from an EDM teacher."""
 
-    teacher: str = param("", help="teacher checkpoint directory or URL (an EDM run's output)")
+    teacher: str = param(
+        "",
+        help="the EDM teacher: checkpoint directory or URL, model file, or models:/NAME@ALIAS",
+    )
     N: int = param(40, help="points on the Karras grid (LSUN: 40)", ge=2)
     mu: float = param(0.95, help="target EMA rate (LSUN: 0.95)", ge=0, lt=1)
     solver: Literal["euler", "heun"] = param("heun", help="teacher ODE step")
