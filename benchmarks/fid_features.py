@@ -47,6 +47,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def load_average() -> str:
+    """The 1-minute load average: other processes on a small machine skew CPU timings."""
+    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
+
+
 def device_name(device: torch.device, threads: int) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}; load {load_average()}")
     print(
         f"device: {device_name(device, torch.get_num_threads())}; torch {torch.__version__}; "
         f"float32, {args.rounds} rounds, >= {args.min_seconds:g} s per timing"
@@ -198,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Inception weights: {weights}")
     timers = build_timers(args, device)
     report(run_rounds(timers, args.rounds), args)
+    print(f"load average at the end: {load_average()}")
     return 0
 
 

@@ -49,6 +49,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def load_average() -> str:
+    """The 1-minute load average: other processes on a small machine skew CPU timings."""
+    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}; load {load_average()}")
     print(f"device: {device_name(device)}; torch {torch.__version__}; {args.precision}")
     f, batch, warm = choose_model(args, device)
     cfg = f.net.cfg
@@ -212,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         seconds(samplers["2 steps"], device)  # cheap there; the CPU warm-up forward suffices
     report(run_rounds(samplers, args, batch))
+    print(f"load average at the end: {load_average()}")
     return 0
 
 
