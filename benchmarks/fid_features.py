@@ -91,8 +91,10 @@ def fits(net: nn.Module, images: torch.Tensor) -> bool:
         sync(images.device)
         return True
     except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return False
+        pass
+    # Outside the except block, whose traceback would keep the failed call's tensors alive.
+    torch.cuda.empty_cache()
+    return False
 
 
 def inception_net(weights: str | None, work: Path, device: torch.device) -> nn.Module:

@@ -113,10 +113,12 @@ def largest_batch(f: ConsistencyFunction, args: argparse.Namespace, device: torc
             seconds(make_samplers(f, z, [], args.precision)["1 step"], device)
             return batch
         except torch.OutOfMemoryError:
-            del z
-            torch.cuda.empty_cache()
-            batch //= 2
-    raise RuntimeError("batch 1 does not fit")
+            pass
+        # Outside the except block, whose traceback would keep the failed call's tensors alive.
+        del z
+        torch.cuda.empty_cache()
+        batch //= 2
+    raise RuntimeError("batch 1 does not fit in GPU memory")
 
 
 def choose_model(
