@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import device_name, load_average, sync
 from torch import nn
 
 from cmray.eval.features import load_feature_net, write_random_inception_weights
@@ -40,23 +39,6 @@ DIGITS_BATCH = 250
 DIGITS_RESOLUTION = 16
 CPU_BATCHES = [1, 8, 32]
 CUDA_BATCHES = [1, 8, 32, 128, 256, 512]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def load_average() -> str:
-    """The 1-minute load average: other processes on a small machine skew CPU timings."""
-    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
-
-
-def device_name(device: torch.device, threads: int) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    return f"CPU {cpu}, {os.cpu_count()} cores, {threads} torch thread(s)"
 
 
 def random_images(batch: int, resolution: int, device: torch.device) -> torch.Tensor:
@@ -198,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}; load {load_average()}")
     print(
-        f"device: {device_name(device, torch.get_num_threads())}; torch {torch.__version__}; "
+        f"device: {device_name(device)}; torch {torch.__version__}; "
         f"float32, {args.rounds} rounds, >= {args.min_seconds:g} s per timing"
     )
     weights = args.weights or "random (speed does not depend on the values; features mean nothing)"

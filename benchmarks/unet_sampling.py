@@ -23,20 +23,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 
 import torch
+from common import device_name, load_average, sync
 
 from cmray.core.parametrization import ConsistencyFunction
 from cmray.core.sampling import sample_multistep, sample_onestep, taus_from_indices
-from cmray.nets.unet import UNET_PRESETS, UNet, unet_config
+from cmray.nets.unet import UNET_PRESETS, unet_config
 from cmray.train.config import ObjectiveConfig
-from cmray.train.objectives import parametrization
+from cmray.train.loop import consistency_net
 
 OFFICIAL_LSUN_INDICES = [0, 17, 39]
 OFFICIAL_LSUN_N = 40
@@ -44,30 +43,11 @@ FALLBACK_RESOLUTION = 64
 CUDA_MAX_BATCH = 64
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def load_average() -> str:
-    """The 1-minute load average: other processes on a small machine skew CPU timings."""
-    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
-
-
 def build_f(preset: str, resolution: int | None, device: torch.device) -> ConsistencyFunction:
-    """f_theta around a randomly initialised U-Net, as ``cmray.train.loop.build_net`` makes it."""
+    """f_theta around a randomly initialised U-Net, built as training builds it."""
     overrides = {} if resolution is None else {"resolution": resolution}
-    obj = ObjectiveConfig()
     torch.manual_seed(0)
-    unet = UNet(unet_config(preset, **overrides))
-    f = ConsistencyFunction(unet, parametrization("cd", obj.noise, obj.sigma_data))
+    f = consistency_net(unet_config(preset, **overrides), ObjectiveConfig(), kind="cd")
     return f.requires_grad_(False).eval().to(device)
 
 

@@ -596,14 +596,3 @@ class ShardStream:
             for key, value in counts.items():
                 total[key] = total.get(key, 0) + value
         return total
-
-
-def train_rank_and_world() -> tuple[int, int]:
-    """(world rank, world size) inside a Ray Train worker; (0, 1) anywhere else."""
-    try:
-        import ray.train
-
-        context = ray.train.get_context()
-        return context.get_world_rank(), context.get_world_size()
-    except Exception:  # outside Ray Train there is simply no context
-        return 0, 1

@@ -26,9 +26,10 @@ def stream_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from cmray.data.stream import ShardStream, train_rank_and_world
+    from cmray.data.stream import ShardStream
 
-    rank, world = train_rank_and_world()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
     stream = ShardStream(from_dict(StreamConfig, config["data"]), rank, world)
     batches, images, start = 0, 0, time.perf_counter()
     for epoch in range(config["epochs"]):

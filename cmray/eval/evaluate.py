@@ -9,6 +9,7 @@ its manifest. ``evaluate`` scores a model's one-step samples and its multistep s
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from cmray.eval.frechet import RunningGaussian, frechet_distance
 from cmray.eval.images import grid_png
 from cmray.eval.reference import (
     RefStats,
+    keep_first,
     load_ref_stats,
     ref_stats_url,
     save_ref_stats,
@@ -97,7 +99,7 @@ def sample_features(
     start = time.perf_counter()
     for result in runner.run(tasks, desc):
         gaussian.add(result["pool"])
-        kept.append(result["pool"][: max(0, cfg.pr_count - sum(len(k) for k in kept))])
+        keep_first(kept, result["pool"], cfg.pr_count)
         logits.append(result["logits"])
         images = result["images"] if images is None else images
     elapsed = time.perf_counter() - start
@@ -144,12 +146,13 @@ class Evaluation:
         return tuple(taus_from_indices(*args))
 
     def score(self, indices: tuple[int, ...], count: int, desc: str) -> tuple[dict, Samples]:
-        samples = sample_features(self.runner, self.cfg, self.taus(indices), count, desc)
+        taus = self.taus(indices)
+        samples = sample_features(self.runner, self.cfg, taus, count, desc)
         result = {
             "sampler": f"{len(indices) - 1}-step",
             "nfe": len(indices) - 1,
             "indices": list(indices),
-            "taus": list(self.taus(indices)),
+            "taus": list(taus),
             **figures(samples, self.ref, self.names, self.cfg.pr_k),
             "samples": count,
             "samples_per_s": count / samples.seconds,
@@ -244,8 +247,6 @@ def preflight(cfg: EvalConfig, with_model: bool) -> None:
     Weights in the torch hub cache can only be checked here when this machine is the cluster
     (no RAY_ADDRESS); on a cluster each worker stages them and names a missing file itself.
     """
-    import os
-
     from cmray.eval.features import stage_inception
     from cmray.storage import url_to_fs
     from cmray.train.loop import checkpoint_state

@@ -71,6 +71,11 @@ def shard_tasks(manifest: Manifest, at: str, count: int) -> list[ShardTask]:
     return tasks
 
 
+def keep_first(kept: list[torch.Tensor], part: torch.Tensor, limit: int) -> None:
+    """Append the rows of ``part`` that keep ``kept`` at no more than ``limit`` rows in all."""
+    kept.append(part[: max(0, limit - sum(len(k) for k in kept))])
+
+
 def summarize(
     results: Iterable[dict[str, Any]],
     identity: dict[str, str],
@@ -87,8 +92,7 @@ def summarize(
         # digits by writer), and halves from different parts of it would differ by more.
         halves[0].add(pool[0::2])
         halves[1].add(pool[1::2])
-        if sum(len(k) for k in kept) < keep:
-            kept.append(pool[: keep - sum(len(k) for k in kept)])
+        keep_first(kept, pool, keep)
     both = halves[0].merged(halves[1])
     return RefStats(
         features=identity["kind"],

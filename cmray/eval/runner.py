@@ -45,6 +45,7 @@ class Runner:
         self.cfg, self.with_model = cfg, with_model
         self.local: Featurizer | None = None
         self.actors: list[Any] = []
+        self._identity: dict[str, str] | None = None
 
     def __enter__(self) -> Runner:
         if self.cfg.workers == -1:
@@ -73,7 +74,11 @@ class Runner:
             self.actors = []
 
     def identity(self) -> dict[str, str]:
-        return self._call("identity")
+        """The feature network's kind, fingerprint and figure names (asked once: the
+        fingerprint hashes every weight)."""
+        if self._identity is None:
+            self._identity = self._call("identity")
+        return self._identity
 
     def model_config(self) -> dict[str, Any]:
         return self._call("model_config")

@@ -114,12 +114,6 @@ class Tracker:
             self._monitor.finish()
         return self.run_id
 
-    def flush(self, timeout: float = 300.0) -> None:
-        """Wait until everything queued so far has been tried."""
-        done = threading.Event()
-        self._queue.put(done)
-        done.wait(timeout)
-
     # ------------------------------------------------------------------------ the thread
 
     def _serve(self) -> None:
@@ -127,9 +121,6 @@ class Tracker:
             item = self._queue.get()
             if item is _STOP:
                 return
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
             op, essential = item
             if not essential and time.monotonic() < self._down_until:
                 self.failures += 1

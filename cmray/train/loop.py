@@ -24,11 +24,12 @@ from cmray.core.metrics import get_metric
 from cmray.core.parametrization import ConsistencyFunction
 from cmray.core.sampling import sample_onestep, sample_teacher_ode
 from cmray.data.stream import ShardStream
-from cmray.nets.unet import UNet
+from cmray.eval.images import grid_array
+from cmray.nets.unet import UNet, UNetConfig
 from cmray.storage import url_to_fs
 from cmray.tracking.config import is_mlflow_uri
 from cmray.train import state as ckpt
-from cmray.train.config import TrainConfig
+from cmray.train.config import ObjectiveConfig, TrainConfig
 from cmray.train.objectives import (
     CDObjective,
     CTObjective,
@@ -69,10 +70,15 @@ def make_generators(seed: int, rank: int, device: torch.device) -> dict[str, tor
 
 def build_net(cfg: TrainConfig, kind: str | None = None) -> ConsistencyFunction:
     """f_theta (Eq. 5) around the U-Net, or the EDM denoiser D for kind "edm"."""
-    obj = cfg.objective
-    return ConsistencyFunction(
-        UNet(cfg.net), parametrization(kind or obj.kind, obj.noise, obj.sigma_data)
-    )
+    return consistency_net(cfg.net, cfg.objective, kind)
+
+
+def consistency_net(
+    net: UNetConfig, objective: ObjectiveConfig, kind: str | None = None
+) -> ConsistencyFunction:
+    """Eq. 5's f_theta around a U-Net with these settings, without a whole run's config."""
+    param = parametrization(kind or objective.kind, objective.noise, objective.sigma_data)
+    return ConsistencyFunction(UNet(net), param)
 
 
 def make_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
@@ -303,7 +309,8 @@ def run_local(
         ckpt.load_checkpoint(trainer.state, latest, rank=0)
         log(f"resumed from {latest} at step {trainer.state.step}")
     stream = ShardStream(cfg.data, 0, 1, device=device)
-    from cmray.train.tracking import finish_tracking, grid_image, start_tracking
+    # Imported here: cmray.train.tracking imports this module.
+    from cmray.train.tracking import finish_tracking, start_tracking
 
     tracker = start_tracking(cfg, run_key=str(out.resolve()))
 
@@ -319,7 +326,7 @@ def run_local(
 
     def sample(step: int, images: torch.Tensor) -> None:
         if tracker is not None:
-            tracker.log_image(grid_image(images), "samples", step)
+            tracker.log_image(grid_array(images), "samples", step)
 
     run_loop(trainer, stream, Hooks(report, sample if tracker is not None else None))
     finish_tracking(tracker, trainer)

@@ -6,9 +6,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from cmray.config import flatten, to_dict
 from cmray.tracking import Tracker
 from cmray.tracking.config import PARENT_RUN_ENV
@@ -24,14 +21,6 @@ def start_tracking(cfg: TrainConfig, run_key: str) -> Tracker | None:
     tracker = Tracker(cfg.tracking, cfg.run.name, run_key, flatten(cfg), parent)
     tracker.log_dict(to_dict(cfg), "config.yaml")
     return tracker
-
-
-def grid_image(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] samples as one uint8 HWC grid, as MLflow's image log takes it."""
-    from torchvision.utils import make_grid
-
-    grid = make_grid(images.add(1).div(2).clamp(0, 1), nrow=max(1, int(len(images) ** 0.5)))
-    return grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
 def finish_tracking(tracker: Tracker | None, trainer: Trainer) -> str | None:

@@ -18,14 +18,14 @@ import torch
 
 from cmray.config import from_dict, to_dict
 from cmray.data.stream import ShardStream
-from cmray.eval.images import save_grid
+from cmray.eval.images import grid_array, save_grid
 from cmray.storage import url_to_fs
 from cmray.tracking import resolve_tracking_uri
 from cmray.tracking.config import is_mlflow_uri
 from cmray.train import state as ckpt
 from cmray.train.config import TrainConfig
 from cmray.train.loop import Hooks, Trainer, build_trainer, checkpoint_state, run_loop
-from cmray.train.tracking import finish_tracking, grid_image, start_tracking
+from cmray.train.tracking import finish_tracking, start_tracking
 
 SAMPLE_FILE = "samples.png"
 # Chaos testing: the worker of rank 0 kills its own process once, after this step, so a cluster's
@@ -94,7 +94,7 @@ def train_worker(config: dict[str, Any]) -> None:
     def sample(step: int, images: torch.Tensor) -> None:
         grid[:] = [images.cpu()]
         if tracker is not None:
-            tracker.log_image(grid_image(images), "samples", step)
+            tracker.log_image(grid_array(images), "samples", step)
 
     def report(metrics: dict[str, float], save: bool) -> None:
         if rank == 0:
