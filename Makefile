@@ -44,6 +44,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sampling_speed.py
 	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/train_overhead.py
+	$(BIN)/python benchmarks/fid_features.py
+	$(BIN)/python benchmarks/unet_sampling.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
