@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare(
         PrepareConfig(source="digits", out=manifest, resolution=16, workers=-1), log=lambda _: None
     )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     direct, on_ray = [], []
     for r in range(args.rounds):
         direct.append(

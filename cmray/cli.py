@@ -1,21 +1,26 @@
 """The ``cmray`` command: config checking, the 2D experiment, editing, evaluation, sampling,
-model retrieval.
-
-Ray Tune searches join it with their issue.
-"""
+model retrieval, and submitting pipelines as Ray jobs."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import cmray
 from cmray.config import add_config_args, config_from_args, dump_yaml, exit_on_config_error
+from cmray.data.config import PrepareConfig
 from cmray.train.config import TrainConfig
 from cmray.train.toy_config import Toy2DConfig
+from cmray.tune.config import TuneConfig
 
-SCHEMAS = {"toy2d": Toy2DConfig, "train": TrainConfig}
+SCHEMAS = {
+    "toy2d": Toy2DConfig,
+    "train": TrainConfig,
+    "tune": TuneConfig,
+    "prepare-data": PrepareConfig,
+}
 
 
 def _config_command(args: argparse.Namespace) -> int:
@@ -172,6 +177,44 @@ def _fetch_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit_command(args: argparse.Namespace) -> int:
+    from cmray.jobs import follow_hint, parse_env, submit
+
+    env = parse_env(args.env or ())
+    job_id = submit(
+        args.pipeline, args.address, args.config, args.overrides or (), args.working_dir, env
+    )
+    print(f"submitted {args.pipeline} as Ray job {job_id}\n{follow_hint(args.address, job_id)}")
+    return 0
+
+
+def _add_submit_parser(sub: argparse._SubParsersAction) -> None:
+    from cmray.jobs import PIPELINES
+
+    submit = sub.add_parser(
+        "submit",
+        help="check a config, then run its pipeline as a Ray job (wraps ray job submit)",
+    )
+    submit.add_argument("pipeline", choices=list(PIPELINES), help="which pipeline to run")
+    submit.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS") or None,
+        required=not os.environ.get("RAY_ADDRESS"),
+        help="the cluster's job server, http://HEAD:8265 (default: $RAY_ADDRESS)",
+    )
+    submit.add_argument("--config", required=True, help="the pipeline's YAML config")
+    submit.add_argument(
+        "--set", dest="overrides", metavar="KEY=VALUE", action="append", help="config overrides"
+    )
+    submit.add_argument(
+        "--working-dir", default=".", help="uploaded as the job's working directory"
+    )
+    submit.add_argument(
+        "--env", metavar="KEY=VALUE", action="append", help="environment variable for the job"
+    )
+    submit.set_defaults(run=_submit_command)
+
+
 def _add_model_parsers(sub: argparse._SubParsersAction) -> None:
     sample = sub.add_parser("sample", help="one- or few-step samples from a model, as a PNG grid")
     sample.add_argument("--model", required=True, help="models:/NAME@ALIAS, checkpoint or file")
@@ -203,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edit_parser(sub)
     _add_eval_parser(sub)
     _add_model_parsers(sub)
+    _add_submit_parser(sub)
     return parser
 
 

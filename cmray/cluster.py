@@ -14,5 +14,10 @@ def ray_init(num_cpus: int | None = None) -> dict[str, float]:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=True)
         else:
-            ray.init(num_cpus=num_cpus or None, include_dashboard=False)
+            # With the dashboard: Ray Train's placement-group cleaner asks the State API whether
+            # a run's controller died (a trial stopped early), and without it the run's CPUs and
+            # GPUs stay reserved for good.
+            # "local": a new instance, never one another process happens to have running
+            # (plain ray.init() joins the newest local cluster it finds).
+            ray.init(address="local", num_cpus=num_cpus or None)
     return ray.cluster_resources()

@@ -360,11 +360,18 @@ def _as_str(value: Any) -> Any:
     return value if isinstance(value, str) else _FAIL
 
 
+def _as_scalar(value: Any) -> Any:
+    # ``Any`` in a config means "whatever YAML scalar the user wrote": a search's choice values
+    # are checked later, against the field they are for.
+    return value if isinstance(value, (bool, int, float, str)) else _FAIL
+
+
 _SCALAR_COERCERS: dict[Any, Callable[[Any], Any]] = {
     int: _as_int,
     float: _as_float,
     bool: _as_bool,
     str: _as_str,
+    Any: _as_scalar,
 }
 
 
@@ -424,12 +431,18 @@ def _describe(tp: Any) -> str:
         return "a mapping (a config section)"
     if origin in (list, tuple):
         return _describe_sequence(tp)
-    return {int: "an int", float: "a float", bool: "a bool (true/false)", str: "a string"}[tp]
+    return {
+        int: "an int",
+        float: "a float",
+        bool: "a bool (true/false)",
+        str: "a string",
+        Any: "a number, string or bool",
+    }[tp]
 
 
 def _describe_sequence(tp: Any) -> str:
     args = get_args(tp)
-    plural = {int: "ints", float: "floats", bool: "bools", str: "strings"}
+    plural = {int: "ints", float: "floats", bool: "bools", str: "strings", Any: "scalars"}
     if get_origin(tp) is list or (len(args) == 2 and args[1] is Ellipsis):
         return f"a list of {plural.get(args[0], 'values')}"
     if len(set(args)) == 1:
@@ -466,6 +479,14 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     for item in overrides:
         keys, value = _parse_override(item)
         _set_path(result, keys, value, item)
+    return result
+
+
+def with_values(data: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``data`` with each dotted key of ``values`` set (e.g. a trial's params)."""
+    result = copy.deepcopy(dict(data))
+    for key, value in values.items():
+        _set_path(result, key.split("."), value, f"{key}={value}")
     return result
 
 
@@ -522,11 +543,16 @@ def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """A config file's mapping (``{}`` for None or an empty file); ConfigError if unreadable."""
+    return _read_yaml(path) if path is not None else {}
+
+
 def load_config(
     cls: type[T], path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()
 ) -> T:
     """Resolve a config: dataclass defaults < YAML file at ``path`` (if any) < ``overrides``."""
-    data = _read_yaml(path) if path is not None else {}
+    data = read_config_file(path)
     return from_dict(cls, apply_overrides(data, overrides))
 
 

@@ -3,6 +3,7 @@
     python pipelines/prepare_data.py --source lmdb:/data/bedroom_train_lmdb \\
         --out s3://bucket/lsun/bedroom256 --resolution 256
     python pipelines/prepare_data.py --source digits --out runs/data/digits32 --resolution 32
+    python pipelines/prepare_data.py --config configs/prepare_lsun_bedroom256.yaml
 
 Sources: ``lmdb:PATH`` (an official LSUN export), ``folder:PATH`` (recursive), ``digits``
 (scikit-learn's bundled handwritten digits, no download). Shards are converted by Ray tasks,
@@ -16,7 +17,15 @@ import argparse
 import sys
 import time
 
-from cmray.config import exit_on_config_error, from_dict
+from cmray.config import (
+    add_config_args,
+    apply_overrides,
+    dump_yaml,
+    exit_on_config_error,
+    from_dict,
+    read_config_file,
+    with_values,
+)
 from cmray.data.config import PrepareConfig
 from cmray.data.prepare import prepare
 
@@ -26,9 +35,10 @@ FLAGS = ("source", "out", "resolution", "name", "encoding", "quality", "resample
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--source", required=True, help="lmdb:PATH, folder:PATH or digits")
-    parser.add_argument("--out", required=True, help="directory or URL for shards + manifest")
-    parser.add_argument("--resolution", required=True, type=int, help="R: output is R x R")
+    add_config_args(parser)  # a YAML file of these settings; the flags below beat it
+    parser.add_argument("--source", help="lmdb:PATH, folder:PATH or digits")
+    parser.add_argument("--out", help="directory or URL for shards + manifest")
+    parser.add_argument("--resolution", type=int, help="R: output is R x R")
     parser.add_argument("--name", help="shard prefix (default: data)")
     parser.add_argument("--encoding", help="png (default), webp, webp_lossless or jpeg")
     parser.add_argument("--quality", type=int, help="webp/jpeg quality (default 95)")
@@ -43,8 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
 @exit_on_config_error
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    values = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
-    cfg = from_dict(PrepareConfig, dict(values, overwrite=args.overwrite))
+    flags = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
+    if args.overwrite:
+        flags["overwrite"] = True
+    data = apply_overrides(read_config_file(args.config), args.overrides or ())
+    cfg = from_dict(PrepareConfig, with_values(data, flags))
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
     start = time.perf_counter()
 
     def log(message: str) -> None:

@@ -61,7 +61,7 @@ def ray_cluster(s3_endpoint: str) -> Iterator[None]:
     import ray
 
     env = {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    ray.init(address="local", num_cpus=2, runtime_env={"env_vars": env})
     try:
         yield
     finally:

@@ -63,6 +63,11 @@ def test_ict_curriculum_doubles_and_caps():
     assert all(b >= a for a, b in itertools.pairwise(Ns))
 
 
+def test_ict_curriculum_shorter_than_its_doublings_doubles_every_step():
+    # s1 / s0 = 16: five stages, so a 4-step run has K' = floor(4 / 5) = 0 by the formula.
+    assert [schedules.ict_N(k, 4, 10, 160) for k in range(6)] == [11, 21, 41, 81, 161, 161]
+
+
 def test_lognormal_index_probs_normalised_and_peaked_near_P_mean():
     sigmas = schedules.karras_sigmas(200)
     p = schedules.lognormal_index_probs(sigmas, P_mean=-1.1, P_std=2.0)

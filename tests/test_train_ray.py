@@ -22,7 +22,7 @@ def kill_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
     marker = tmp_path_factory.mktemp("chaos") / "killed"
     env = {FAULT_STEP_ENV: "6", FAULT_ONCE_ENV: str(marker)}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    ray.init(address="local", num_cpus=2, runtime_env={"env_vars": env})
     try:
         yield marker
     finally:

@@ -94,7 +94,8 @@ def ict_N(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
 
     N(k) = min(s0 * 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1 / s0) + 1)).
     """
-    K_prime = math.floor(K / (math.log2(math.floor(s1 / s0)) + 1))
+    # A run shorter than the number of doublings (K' = 0 by the formula) doubles every step.
+    K_prime = max(1, math.floor(K / (math.log2(math.floor(s1 / s0)) + 1)))
     return min(s0 * 2 ** math.floor(k / K_prime), s1) + 1
 
 

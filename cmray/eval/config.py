@@ -8,6 +8,9 @@ from typing import Literal
 
 from cmray.config import ConfigError, param
 
+# The Frechet figure each feature network gives: FID is only ever Inception's.
+FRECHET_NAMES = {"inception": "fid", "digits": "fd_digits"}
+
 
 @dataclass
 class SamplingConfig:
@@ -40,6 +43,25 @@ class SamplingConfig:
                 f"sampling.indices {self.indices} must start at 0 and increase",
                 key="sampling.indices",
             )
+
+
+@dataclass
+class QualityConfig:
+    """A sample-quality figure measured during training (what a search's early stopping reads).
+
+    One-step samples from the first EMA copy, always from the same noise, scored against the
+    reference statistics beside ``data.manifest``: comparable across N, mu and the metric d,
+    which the loss is not.
+    """
+
+    every: int = param(0, help="measure every K steps, and at the end (0: never)", ge=0)
+    features: Literal["inception", "digits"] = param(
+        "inception", help="inception: FID; digits: the shipped digits classifier (a CPU proxy)"
+    )
+    weights: str = param("", help="feature network weights (empty: as in evaluation)")
+    num_samples: int = param(1000, help="one-step samples per measurement", ge=2)
+    batch_size: int = param(250, help="samples generated and featurized at once", ge=1)
+    seed: int = param(0, help="noise seed; the same noise at every measurement")
 
 
 @dataclass

@@ -33,6 +33,7 @@ from torch import nn
 from cmray.data.config import PrepareConfig
 from cmray.data.preprocess import prepare_image
 from cmray.data.sources import DigitsSource
+from cmray.eval.config import FRECHET_NAMES
 from cmray.storage import local_temp_beside
 from cmray.weights import WeightsNotFoundError, load_state_dict
 
@@ -56,7 +57,7 @@ class DigitsClassifier(nn.Module):
     other ``fd_digits`` figures.
     """
 
-    frechet_name = "fd_digits"
+    frechet_name = FRECHET_NAMES["digits"]
     score_name = "classifier_score_digits"
     description = (
         "small digits classifier shipped with cmray (16x16 grey CNN): a CPU proxy, "

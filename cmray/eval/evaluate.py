@@ -44,7 +44,7 @@ Log = Callable[[str], None]
 GRID_IMAGES = 32  # per sampler
 
 
-def _chunks(count: int, size: int) -> list[tuple[int, int]]:
+def chunks(count: int, size: int) -> list[tuple[int, int]]:
     return [(c, min(size, count - start)) for c, start in enumerate(range(0, count, size))]
 
 
@@ -93,7 +93,7 @@ def sample_features(
 ) -> Samples:
     tasks = [
         SampleTask(c, n, taus, keep_images=GRID_IMAGES if c == 0 else 0)
-        for c, n in _chunks(count, cfg.batch_size)
+        for c, n in chunks(count, cfg.batch_size)
     ]
     gaussian, kept, logits, images = RunningGaussian(), [], [], None
     start = time.perf_counter()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
+from cmray.eval.config import FRECHET_NAMES
 from cmray.weights import load_state_dict, stage_weights
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ INCEPTION_SETTING = "weights"
 class InceptionFeatures(nn.Module):
     """FID's Inception-v3: 2048-d pool3 features and the 1008 unbiased logits (for IS)."""
 
-    frechet_name = "fid"
+    frechet_name = FRECHET_NAMES["inception"]
     score_name = "inception_score"
     description = "Inception-v3 (TF 2015-12-05 graph via torch-fidelity): comparable with papers"
 

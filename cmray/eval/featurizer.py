@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from cmray.config import to_dict
 from cmray.core.sampling import sample_multistep
@@ -70,6 +71,10 @@ class Featurizer:
         if with_model:
             self.model, self.train_cfg = load_model(cfg.model, self.device)
         self.manifest = read_manifest(cfg.manifest)
+
+    def use_model(self, model: nn.Module, train_cfg: Any) -> None:
+        """Sample from ``model`` (trained with ``train_cfg``), e.g. the one a run is training."""
+        self.model, self.train_cfg = model, train_cfg
 
     def identity(self) -> dict[str, str]:
         """Which feature network this is (kind, weights fingerprint) and its figures' names."""

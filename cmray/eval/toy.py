@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import torch
 
-from cmray.core.sampling import SampleResult
+from cmray.core.sampling import SampleResult, sample_onestep
 from cmray.data.toy import RingMixture
 
 T = TypeVar("T")
@@ -67,6 +67,24 @@ def mode_coverage(x: torch.Tensor, ring: RingMixture, radius_in_std: float = 3.0
         modes_hit=int((counts >= 0.5 * fair).sum()) if fair > 0 else 0,
         per_mode=[round(float(c), 4) for c in counts],
     )
+
+
+TOY_METRIC = "energy_distance"  # the figure a toy search ranks trials by
+
+
+def one_step_probe(
+    ring: RingMixture, sigma_max: float, seed: int, samples: int, references: int
+) -> Callable[[torch.nn.Module], float]:
+    """``f -> energy distance`` of f's one-step samples to draws from the true ring, with the
+    same noise and the same draws at every call (seeded as the 2D experiment's table is)."""
+    reference = ring.sample(references, torch.Generator().manual_seed(seed + 1))
+    z = torch.randn(samples, 2, generator=torch.Generator().manual_seed(seed + 3))
+
+    @torch.no_grad()
+    def probe(f: torch.nn.Module) -> float:
+        return energy_distance(sample_onestep(f, z, sigma_max).x, reference)
+
+    return probe
 
 
 def quality_report(x: torch.Tensor, reference: torch.Tensor, ring: RingMixture) -> dict:

@@ -33,3 +33,6 @@ class TrackingConfig:
     )
     log_model: bool = param(True, help="log the final EMA consistency model as an MLflow model")
     system_metrics: bool = param(True, help="record CPU, memory (and GPU) use with the run")
+    parent_run: str = param(
+        "", help="MLflow run ID this run nests under (a search sets it for each trial)"
+    )

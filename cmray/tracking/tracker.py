@@ -51,6 +51,13 @@ def _local_artifacts(uri: str) -> str | None:
     return (db.parent / Path(DEFAULT_ARTIFACTS).name).resolve().as_uri()
 
 
+def find_run(client: Any, experiment_id: str, run_key: str) -> str | None:
+    """The ID of the run tagged with ``run_key`` (a cmray run's storage path and name)."""
+    key = run_key.replace("'", "\\'")
+    runs = client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 class Tracker:
     """One MLflow run, created or resumed (by ``run_key``) on first use.
 
@@ -104,6 +111,17 @@ class Tracker:
 
     def log_dict(self, data: dict[str, Any], name: str) -> None:
         self.submit(lambda c, r: c.log_dict(r, data, name))
+
+    def log_text(self, text: str, name: str) -> None:
+        self.submit(lambda c, r: c.log_text(r, text, name))
+
+    def started(self, timeout: float = 30.0) -> str | None:
+        """The run's ID once it exists (waiting at most ``timeout`` s); None while MLflow is
+        unreachable."""
+        ready = threading.Event()
+        self.submit(lambda c, r: ready.set(), essential=True)
+        ready.wait(timeout)
+        return self.run_id
 
     def close(self, status: str = "FINISHED", timeout: float = 300.0) -> str | None:
         """Send what is queued (waiting at most ``timeout`` s), end the run; its ID or None."""
@@ -168,12 +186,10 @@ class Tracker:
         return client.create_experiment(self.cfg.experiment, _local_artifacts(self.uri))
 
     def _find_run(self, client: Any, experiment: str) -> str | None:
-        key = self.run_key.replace("'", "\\'")
-        runs = client.search_runs([experiment], f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
-        if not runs:
-            return None
-        client.update_run(runs[0].info.run_id, status="RUNNING")
-        return runs[0].info.run_id
+        run_id = find_run(client, experiment, self.run_key)
+        if run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+        return run_id
 
     def _create_run(self, client: Any, experiment: str) -> str:
         tags = {RUN_KEY_TAG: self.run_key}

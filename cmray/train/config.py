@@ -11,6 +11,7 @@ from typing import Literal
 
 from cmray.config import ConfigError, param
 from cmray.data.config import StreamConfig
+from cmray.eval.config import QualityConfig
 from cmray.nets.unet import UNetConfig
 from cmray.tracking.config import TrackingConfig
 from cmray.train.curriculum import CurriculumConfig
@@ -134,6 +135,9 @@ class TrainConfig:
     loop: LoopConfig = param(default_factory=LoopConfig, help="the loop")
     run: RayConfig = param(default_factory=RayConfig, help="execution and storage")
     tracking: TrackingConfig = param(default_factory=TrackingConfig, help="MLflow")
+    quality: QualityConfig = param(
+        default_factory=QualityConfig, help="sample quality measured during training"
+    )
 
     def __post_init__(self) -> None:
         if not self.data.manifest:

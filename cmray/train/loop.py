@@ -210,6 +210,17 @@ def build_trainer(
     return Trainer(cfg, state, objective, Generators(**gens), device, rank, world_size)
 
 
+def quality_hook(trainer: Trainer) -> Callable[[], dict[str, float]] | None:
+    """Rank 0's sample-quality measurement (``quality.every`` > 0), for :class:`Hooks`."""
+    cfg = trainer.cfg
+    if not cfg.quality.every or trainer.rank != 0:
+        return None
+    from cmray.eval.quality import QualityProbe  # the feature network, only when asked for
+
+    probe = QualityProbe(cfg.quality, cfg.data.manifest, trainer.device)
+    return lambda: probe(sampling_model(trainer), cfg)
+
+
 @torch.no_grad()
 def sample_grid(trainer: Trainer, count: int, seed: int = 0) -> torch.Tensor:
     """Samples from the first EMA copy, in [-1, 1]: one step (Algorithm 1) for CD/CT runs."""
@@ -237,6 +248,9 @@ class Hooks:
 
     report: Callable[[dict[str, float], bool], None]  # metrics, and whether to checkpoint
     sample: Callable[[int, torch.Tensor], None] | None = None
+    # Sample-quality figures, merged into the report; called on every rank that has one, at
+    # the steps quality.every names (ranks without one still report then, to stay in step).
+    quality: Callable[[], dict[str, float]] | None = None
 
 
 @dataclass
@@ -283,9 +297,13 @@ def run_loop(trainer: Trainer, stream: ShardStream, hooks: Hooks) -> None:
             every = loop.sample_every
             if hooks.sample is not None and ((every and state.step % every == 0) or done):
                 hooks.sample(state.step, sample_grid(trainer, loop.sample_count))
-            if state.step % loop.log_every == 0 or save:
+            measure = bool(cfg.quality.every) and (state.step % cfg.quality.every == 0 or done)
+            if state.step % loop.log_every == 0 or save or measure:
                 seconds = time.perf_counter() - tick
-                hooks.report(_metrics(trainer, result, seconds, stream, clock), save)
+                metrics = _metrics(trainer, result, seconds, stream, clock)
+                if measure and hooks.quality is not None:
+                    metrics.update(hooks.quality())
+                hooks.report(metrics, save)
             tick = time.perf_counter()
             if done:
                 return
@@ -313,6 +331,10 @@ def run_local(
     from cmray.train.tracking import finish_tracking, start_tracking
 
     tracker = start_tracking(cfg, run_key=str(out.resolve()))
+    if cfg.quality.every:
+        from cmray.eval.quality import ensure_ref_stats
+
+        ensure_ref_stats(cfg.quality, cfg.data.manifest, workers=-1, log=log)
 
     def report(metrics: dict[str, float], save: bool) -> None:
         log(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
@@ -328,6 +350,7 @@ def run_local(
         if tracker is not None:
             tracker.log_image(grid_array(images), "samples", step)
 
-    run_loop(trainer, stream, Hooks(report, sample if tracker is not None else None))
+    hooks = Hooks(report, sample if tracker is not None else None, quality_hook(trainer))
+    run_loop(trainer, stream, hooks)
     finish_tracking(tracker, trainer)
     return trainer

@@ -134,6 +134,27 @@ def time_grid(cfg: Toy2DConfig, N: int, kind: str = "karras") -> torch.Tensor:
     return torch.linspace(noise.sigma_min, noise.sigma_max, N, dtype=torch.float64)
 
 
+def cd_loss_fn(
+    cfg: Toy2DConfig,
+    online: ConsistencyFunction,
+    target: ConsistencyFunction,
+    teacher: Denoiser,
+    generator: torch.Generator,
+) -> LossFn:
+    """Algorithm 2's loss on a batch (plus the tutorial's boundary term), drawing from
+    ``generator``."""
+    cd: CDConfig = cfg.cd
+    sigmas, d = time_grid(cfg, cd.N, cd.grid), metrics.get_metric(cd.metric)
+
+    def loss_fn(step: int, x0: torch.Tensor) -> torch.Tensor:
+        n = schedules.sample_uniform_indices(cd.N, x0.shape[0], generator)
+        z = torch.randn(x0.shape, generator=generator)
+        loss = losses.cd_loss(online, target, teacher, x0, z, n, sigmas, d, cd.solver).mean()
+        return loss + cd.boundary_weight * _boundary(online, x0, cfg, generator)
+
+    return loss_fn
+
+
 def train_cd(
     cfg: Toy2DConfig,
     data: torch.Tensor,
@@ -145,13 +166,7 @@ def train_cd(
     cd: CDConfig = cfg.cd
     online = make_consistency_net(cd.parametrization, cd.net, cfg)
     target = ema.frozen_copy(online)
-    sigmas, d = time_grid(cfg, cd.N, cd.grid), metrics.get_metric(cd.metric)
-
-    def loss_fn(step: int, x0: torch.Tensor) -> torch.Tensor:
-        n = schedules.sample_uniform_indices(cd.N, x0.shape[0], generator)
-        z = torch.randn(x0.shape, generator=generator)
-        loss = losses.cd_loss(online, target, teacher, x0, z, n, sigmas, d, cd.solver).mean()
-        return loss + cd.boundary_weight * _boundary(online, x0, cfg, generator)
+    loss_fn = cd_loss_fn(cfg, online, target, teacher, generator)
 
     def update_target(step: int) -> None:
         ema.ema_update_(target, online, cd.mu)
@@ -167,15 +182,16 @@ def _boundary(
     return losses.boundary_loss(f, x0, z, cfg.noise.sigma_min).mean()
 
 
-def train_ct(
-    cfg: Toy2DConfig, data: torch.Tensor, generator: torch.Generator, log: Log | None = None
-) -> tuple[ConsistencyFunction, ConsistencyFunction]:
-    """Consistency training, paper Algorithm 3; returns (online f_theta, target f_theta-)."""
+def ct_loss_fn(
+    cfg: Toy2DConfig,
+    online: ConsistencyFunction,
+    target: ConsistencyFunction,
+    K: int,
+    generator: torch.Generator,
+) -> LossFn:
+    """Algorithm 3's loss at step k of a K-step curriculum, drawing from ``generator``."""
     ct = cfg.ct
-    online = make_consistency_net(ct.parametrization, ct.net, cfg)
-    target = ema.frozen_copy(online)
     d, weighting = metrics.get_metric(ct.metric), losses.LAMBDAS[ct.weighting]
-    K = total_steps(data, ct.optim)
 
     def loss_fn(step: int, x0: torch.Tensor) -> torch.Tensor:
         N, _ = ct_curriculum(ct, step, K)
@@ -184,9 +200,85 @@ def train_ct(
         z = torch.randn(x0.shape, generator=generator)
         return losses.ct_loss(online, target, x0, z, n, sigmas, d, weighting).mean()
 
+    return loss_fn
+
+
+def train_ct(
+    cfg: Toy2DConfig, data: torch.Tensor, generator: torch.Generator, log: Log | None = None
+) -> tuple[ConsistencyFunction, ConsistencyFunction]:
+    """Consistency training, paper Algorithm 3; returns (online f_theta, target f_theta-)."""
+    ct = cfg.ct
+    online = make_consistency_net(ct.parametrization, ct.net, cfg)
+    target = ema.frozen_copy(online)
+    K = total_steps(data, ct.optim)
+    loss_fn = ct_loss_fn(cfg, online, target, K, generator)
+
     def update_target(step: int) -> None:
         # mu(k) is derived from the step, never carried as mutable state.
         ema.ema_update_(target, online, ct_curriculum(ct, step, K)[1])
 
     fit(online, loss_fn, data, ct.optim, generator, update_target, log, "ct")
     return online.eval(), target.eval()
+
+
+class Student:
+    """A CD or CT student trained step by step, with state that a checkpoint can hold.
+
+    Unlike :func:`train_cd` / :func:`train_ct` (shuffled epochs, one generator for the whole
+    run), each step draws its batch and noise from a generator seeded by (seed, step), so a run
+    resumed from any saved step continues exactly as it would have gone on.
+    """
+
+    def __init__(
+        self,
+        cfg: Toy2DConfig,
+        method: str,
+        data: torch.Tensor,
+        teacher: Denoiser | None = None,
+    ) -> None:
+        settings = cfg.cd if method == "cd" else cfg.ct
+        self.cfg, self.method, self.data, self.step = cfg, method, data, 0
+        self.batch_size = settings.optim.batch_size
+        self.K = total_steps(data, settings.optim)
+        torch.manual_seed(cfg.seed)
+        self.online = make_consistency_net(settings.parametrization, settings.net, cfg)
+        self.target = ema.frozen_copy(self.online)
+        self.opt = torch.optim.Adam(self.online.parameters(), lr=settings.optim.lr)
+        self.generator = torch.Generator()
+        if method == "cd":
+            if teacher is None:
+                raise ValueError("a CD student needs a teacher")
+            self.loss_fn = cd_loss_fn(cfg, self.online, self.target, teacher, self.generator)
+        else:
+            self.loss_fn = ct_loss_fn(cfg, self.online, self.target, self.K, self.generator)
+
+    def mu(self, step: int) -> float:
+        if self.method == "cd":
+            return self.cfg.cd.mu
+        return ct_curriculum(self.cfg.ct, step, self.K)[1]
+
+    def train_step(self) -> float:
+        """One optimiser step and target update; returns the loss."""
+        self.generator.manual_seed(self.cfg.seed * 1_000_003 + self.step)
+        pick = torch.randint(0, self.data.shape[0], (self.batch_size,), generator=self.generator)
+        loss = self.loss_fn(self.step, self.data[pick])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        ema.ema_update_(self.target, self.online, self.mu(self.step))
+        self.step += 1
+        return loss.item()
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "online": self.online.state_dict(),
+            "target": self.target.state_dict(),
+            "opt": self.opt.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.online.load_state_dict(state["online"])
+        self.target.load_state_dict(state["target"])
+        self.opt.load_state_dict(state["opt"])
+        self.step = int(state["step"])

@@ -114,6 +114,19 @@ class EvalConfig:
 
 
 @dataclass
+class ToyTrialConfig:
+    """What a trial of the 2D experiment trains and how it is scored."""
+
+    method: Literal["ct", "cd"] = param(
+        "ct", help="ct: from data alone; cd: from a teacher trained once for the whole search"
+    )
+    quality_every: int = param(200, help="score the student every K steps, and at the end", ge=1)
+    quality_samples: int = param(2000, help="one-step samples per score", ge=10)
+    reference_samples: int = param(4000, help="draws from the true ring per score", ge=10)
+    cpus: float = param(1.0, help="CPUs a trial reserves", gt=0)
+
+
+@dataclass
 class Toy2DConfig:
     """The whole 2D experiment: data, teacher, CD and CT students, evaluation."""
 

@@ -17,7 +17,7 @@ def start_tracking(cfg: TrainConfig, run_key: str) -> Tracker | None:
     """Rank 0's run (resumed when ``run_key`` already has one), with the config recorded."""
     if not cfg.tracking.enabled:
         return None
-    parent = os.environ.get(PARENT_RUN_ENV) or None
+    parent = cfg.tracking.parent_run or os.environ.get(PARENT_RUN_ENV) or None
     tracker = Tracker(cfg.tracking, cfg.run.name, run_key, flatten(cfg), parent)
     tracker.log_dict(to_dict(cfg), "config.yaml")
     return tracker

@@ -11,6 +11,7 @@ import copy
 import os
 import signal
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,15 @@ from cmray.storage import url_to_fs
 from cmray.tracking import resolve_tracking_uri
 from cmray.tracking.config import is_mlflow_uri
 from cmray.train import state as ckpt
-from cmray.train.config import TrainConfig
-from cmray.train.loop import Hooks, Trainer, build_trainer, checkpoint_state, run_loop
+from cmray.train.config import RayConfig, TrainConfig
+from cmray.train.loop import (
+    Hooks,
+    Trainer,
+    build_trainer,
+    checkpoint_state,
+    quality_hook,
+    run_loop,
+)
 from cmray.train.tracking import finish_tracking, start_tracking
 
 SAMPLE_FILE = "samples.png"
@@ -58,7 +66,8 @@ def _report(trainer: Trainer, metrics: dict[str, float], save: bool, grid: list)
 
 def progress_line(metrics: dict[str, float], steps: int, saved: bool) -> str:
     """One short line per report for people watching the job's log."""
-    keys = ("loss", "N", "mu", "images_per_s", "skipped_steps", "data_decode_errors")
+    keys = ("loss", "N", "mu", "images_per_s", "fid", "fd_digits", "skipped_steps")
+    keys += ("data_decode_errors",)
     shown = " ".join(f"{k} {metrics[k]:.4g}" for k in keys if k in metrics)
     return f"[cmray] step {int(metrics['step'])}/{steps} {shown}" + (
         " (checkpoint)" if saved else ""
@@ -104,11 +113,11 @@ def train_worker(config: dict[str, Any]) -> None:
         _report(trainer, metrics, save, grid)
         _maybe_kill_self(trainer)
 
-    run_loop(trainer, stream, Hooks(report, sample if rank == 0 else None))
+    run_loop(trainer, stream, Hooks(report, sample if rank == 0 else None, quality_hook(trainer)))
     finish_tracking(tracker, trainer)
 
 
-def _storage(path: str) -> tuple[str, Any]:
+def ray_storage(path: str) -> tuple[str, Any]:
     """Ray's storage_path and filesystem: local paths made absolute, S3 endpoints honoured."""
     if "://" not in path:
         return str(Path(path).resolve()), None
@@ -134,6 +143,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     cfg.objective.cd.teacher = fix(cfg.objective.cd.teacher)
     cfg.objective.lpips_weights = fix(cfg.objective.lpips_weights)
     cfg.run.storage_path = fix(cfg.run.storage_path)
+    cfg.quality.weights = fix(cfg.quality.weights)
     if cfg.tracking.enabled:  # the driver's MLFLOW_TRACKING_URI or local store, for every worker
         cfg.tracking.tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     return cfg
@@ -167,25 +177,32 @@ def preflight(cfg: TrainConfig) -> None:
             raise ConfigError(f"objective.cd.teacher: {exc}", key="objective.cd.teacher") from None
 
 
-def launch(cfg: TrainConfig) -> Any:
-    """Run ``train_worker`` on ``cfg.run.num_workers`` workers; returns Ray's Result."""
+def prepare(cfg: TrainConfig) -> TrainConfig:
+    """What the driver does before any worker starts: absolute paths, the data and teacher
+    checked, the quality figure's reference statistics made if missing (on Ray actors)."""
+    cfg = absolute_paths(cfg)
+    preflight(cfg)
+    if cfg.quality.every:
+        from cmray.eval.quality import ensure_ref_stats
+
+        ensure_ref_stats(cfg.quality, cfg.data.manifest)
+    return cfg
+
+
+def make_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Any:
+    """Ray's TorchTrainer running ``train_worker`` for a :func:`prepare`-d config."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cfg = absolute_paths(cfg)
-    preflight(cfg)
     run = cfg.run
-    storage_path, storage_fs = _storage(run.storage_path)
-    trainer = TorchTrainer(
+    storage_path, storage_fs = ray_storage(run.storage_path)
+    return TorchTrainer(
         train_worker,
         train_loop_config=to_dict(cfg),
         scaling_config=ScalingConfig(
             num_workers=run.num_workers,
             use_gpu=run.use_gpu,
-            resources_per_worker={
-                "CPU": run.cpus_per_worker,
-                **({"GPU": 1} if run.use_gpu else {}),
-            },
+            resources_per_worker=worker_resources(run),
         ),
         run_config=RunConfig(
             name=run.name,
@@ -193,6 +210,101 @@ def launch(cfg: TrainConfig) -> Any:
             storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
             failure_config=FailureConfig(max_failures=run.max_failures),
+            callbacks=list(callbacks),
         ),
     )
-    return trainer.fit()
+
+
+def worker_resources(run: RayConfig) -> dict[str, float]:
+    """What one Ray Train worker of the run reserves."""
+    return {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})}
+
+
+def launch(cfg: TrainConfig) -> Any:
+    """Run ``train_worker`` on ``cfg.run.num_workers`` workers; returns Ray's Result."""
+    return make_trainer(prepare(cfg)).fit()
+
+
+# --------------------------------------------------------------------------- the 2D toy
+
+
+STUDENT_FILE = "student.pt"
+
+
+def _toy_teacher(toy: Any, path: str) -> torch.nn.Module:
+    from cmray.train.toy import make_teacher
+
+    fs, local = url_to_fs(path)
+    with fs.open(local, "rb") as fh:
+        state = torch.load(fh, weights_only=True)
+    teacher = make_teacher(toy)
+    teacher.load_state_dict(state)
+    return teacher.eval().requires_grad_(False)
+
+
+def toy_worker(config: dict[str, Any]) -> None:
+    """Ray Train's worker function for a search's 2D trial: a CD or CT student, scored by the
+    energy distance of its one-step samples to fresh draws from the true ring."""
+    import ray.train
+
+    from cmray.config import flatten
+    from cmray.eval.toy import TOY_METRIC, one_step_probe
+    from cmray.experiments.toy2d import ring_of
+    from cmray.tracking import Tracker, TrackingConfig
+    from cmray.train.toy import Student
+    from cmray.train.toy_config import Toy2DConfig, ToyTrialConfig
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    toy = from_dict(Toy2DConfig, config["toy"])
+    trial = from_dict(ToyTrialConfig, config["trial"])
+    data = ring_of(toy).sample(toy.ring.train_points, torch.Generator().manual_seed(toy.seed))
+    teacher = _toy_teacher(toy, config["teacher"]) if trial.method == "cd" else None
+    student = Student(toy, trial.method, data, teacher)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            student.load_state_dict(torch.load(Path(directory) / STUDENT_FILE, weights_only=True))
+    ring, sigma_max = ring_of(toy), toy.noise.sigma_max
+    probe = one_step_probe(
+        ring, sigma_max, toy.seed, trial.quality_samples, trial.reference_samples
+    )
+    tracking = from_dict(TrackingConfig, config["tracking"])
+    tracker = None
+    if tracking.enabled:
+        params = {**flatten(toy), "method": trial.method}
+        tracker = Tracker(tracking, config["name"], config["run_key"], params, tracking.parent_run)
+    while student.step < student.K:
+        loss = student.train_step()
+        if student.step % trial.quality_every and student.step < student.K:
+            continue
+        metrics = {"step": student.step, "loss": loss, "mu": student.mu(student.step - 1)}
+        metrics[TOY_METRIC] = probe(student.target)
+        if tracker is not None:
+            tracker.log_metrics(metrics, student.step)
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(student.state_dict(), Path(tmp) / STUDENT_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if tracker is not None:
+        tracker.close()
+
+
+def make_toy_trainer(
+    job: dict[str, Any], storage: str, cpus: float, callbacks: Sequence[Any] = ()
+) -> Any:
+    """A one-worker TorchTrainer running :func:`toy_worker` on ``job``, named ``job["name"]``."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path, storage_fs = ray_storage(storage)
+    return TorchTrainer(
+        toy_worker,
+        train_loop_config=job,
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(
+            name=job["name"],
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=3),  # resumes from its checkpoint
+            callbacks=list(callbacks),
+        ),
+    )

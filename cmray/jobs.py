@@ -1,0 +1,111 @@
+"""``cmray submit``: a pipeline as a Ray job, with its config checked before anything is sent.
+
+The job runs ``python pipelines/<pipeline>.py --config FILE [--set ...]`` in the uploaded
+working directory (the repository root by default; Ray leaves out what ``.gitignore`` lists), so
+the config file and the code the job runs are the ones checked here.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cmray.config import ConfigError, load_config
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    script: str
+    config_class: str  # "module:Class", imported only when checking a config
+
+
+PIPELINES = {
+    "train": Pipeline("pipelines/train.py", "cmray.train.config:TrainConfig"),
+    "tune": Pipeline("pipelines/tune.py", "cmray.tune.config:TuneConfig"),
+    "prepare-data": Pipeline("pipelines/prepare_data.py", "cmray.data.config:PrepareConfig"),
+}
+# Never uploaded, even from a directory git does not know: outputs, environments, caches.
+EXCLUDES = [".venv/", "runs/", ".git/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/"]
+
+
+def _config_class(pipeline: Pipeline) -> type:
+    import importlib
+
+    module, name = pipeline.config_class.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def check_config(kind: str, config: str, overrides: Sequence[str], working_dir: str) -> str:
+    """Validate the job's config here (as the pipeline will) and return its path relative to
+    ``working_dir``, where the job reads it; ConfigError names any problem."""
+    path = Path(config).resolve()
+    root = Path(working_dir).resolve()
+    if not path.is_relative_to(root):
+        raise ConfigError(
+            f"--config {config}: the job reads its config from the uploaded working directory "
+            f"{root}; put the file inside it",
+            key="config",
+        )
+    cfg = load_config(_config_class(PIPELINES[kind]), path, overrides)
+    if kind == "tune":
+        from cmray.tune.config import plan_search
+
+        cwd = Path.cwd()
+        try:  # the base config is named relative to the working directory, as in the job
+            os.chdir(root)
+            plan_search(cfg)
+        finally:
+            os.chdir(cwd)
+    return path.relative_to(root).as_posix()
+
+
+def entrypoint(kind: str, config: str, overrides: Sequence[str]) -> str:
+    """The shell command the job runs."""
+    words = ["python", PIPELINES[kind].script, "--config", config]
+    for item in overrides:
+        words += ["--set", item]
+    return shlex.join(words)
+
+
+def parse_env(items: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` items as a dict; ConfigError for an item without ``=``."""
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env {item!r} needs the form KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def submit(
+    kind: str,
+    address: str,
+    config: str,
+    overrides: Sequence[str] = (),
+    working_dir: str = ".",
+    env: dict[str, str] | None = None,
+) -> str:
+    """Check the config, then submit the pipeline as a Ray job; returns the job's ID."""
+    relative = check_config(kind, config, overrides, working_dir)
+    from ray.job_submission import JobSubmissionClient
+
+    runtime_env: dict[str, Any] = {"working_dir": working_dir, "excludes": EXCLUDES}
+    if env:
+        runtime_env["env_vars"] = env
+    client = JobSubmissionClient(address)
+    return client.submit_job(
+        entrypoint=entrypoint(kind, relative, overrides), runtime_env=runtime_env
+    )
+
+
+def follow_hint(address: str, job_id: str) -> str:
+    return (
+        f"follow its logs:  ray job logs --address {address} --follow {job_id}\n"
+        f"its status:       ray job status --address {address} {job_id}\n"
+        f"stop it:          ray job stop --address {address} {job_id}"
+    )

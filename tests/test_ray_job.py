@@ -1,0 +1,191 @@
+"""Pipelines submitted as Ray jobs (``ray job submit --working-dir .``) to a real
+``ray start --head`` cluster on loopback, as researchers submit them to a cloud cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+BIN = str(Path(sys.executable).parent)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A head node with 2 CPUs and the job server; yields the dashboard address.
+
+    Token authentication on, as on a real cluster: ``ray start`` writes the token to
+    ~/.ray/auth_token, and clients with RAY_AUTH_MODE=token send it.
+    """
+    port, dashboard = _free_port(), _free_port()
+    log = tmp_path_factory.mktemp("head") / "head.log"
+    saved_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    command = [f"{BIN}/ray", "start", "--head", "--block", "--port", str(port), "--num-cpus", "2"]
+    command += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
+                break
+            except urllib.error.HTTPError:  # it answers (asking for Ray's auth token): up
+                break
+            except OSError:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the head's job server did not come up"
+                time.sleep(1)
+        yield address
+    finally:
+        if saved_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved_mode
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # ray start --block stops what it started
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def submit(address: str, *entrypoint: str) -> subprocess.CompletedProcess:
+    """``ray job submit`` from the repository root, waiting for the job and its logs."""
+    command = [f"{BIN}/ray", "job", "submit", "--address", address, "--working-dir", "."]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        [*command, "--", "python", *entrypoint],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_train_runs_as_a_ray_job(ray_head: str, digits16: str, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    result = submit(
+        ray_head,
+        "pipelines/train.py",
+        "--config",
+        "configs/digits_ct.yaml",  # read from the uploaded working directory
+        "--set",
+        f"data.manifest={digits16}/manifest.json",
+        "--set",
+        "loop.steps=4",
+        "--set",
+        "loop.checkpoint_every=2",
+        "--set",
+        "run.num_workers=1",
+        "--set",
+        f"run.storage_path={runs}",
+        "--set",
+        "tracking.enabled=false",
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "finished at step 4" in result.stdout
+    assert "succeeded" in result.stdout
+    assert sorted(p.name for p in (runs / "digits_ct").glob("checkpoint_*"))  # on the cluster
+
+
+def test_tune_runs_as_a_ray_job(ray_head: str, tmp_path: Path) -> None:
+    space = [
+        {"key": "ct.optim.lr", "kind": "grid", "values": [1.0e-5, 3.0e-3]},
+    ]
+    result = submit(
+        ray_head,
+        "pipelines/tune.py",
+        "--config",
+        "configs/tune_toy2d.yaml",
+        "--set",
+        "overrides=[ring.train_points=2048, ct.optim.epochs=20, ct.net.hidden=32]",
+        "--set",
+        f"space={json.dumps(space)}",
+        "--set",
+        "num_samples=1",
+        "--set",
+        "toy.quality_every=40",
+        "--set",
+        "toy.quality_samples=500",
+        "--set",
+        "scheduler.enabled=false",
+        "--set",
+        f"run.storage_path={tmp_path}",
+        "--set",
+        "tracking.enabled=false",
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "succeeded" in result.stdout
+    best = json.loads((tmp_path / "tune-toy2d" / "best.json").read_text())
+    assert best["metric"] == "energy_distance"
+    assert best["best"]["ct.optim.lr"] == 3.0e-3 and best["best"]["step"] == 80
+
+
+def _cmray(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cmray.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cmray_submit_checks_the_config_then_runs_the_job(ray_head: str, tmp_path: Path) -> None:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(ray_head)
+    before = len(client.list_jobs())
+    bad = _cmray(
+        "submit", "prepare-data", "--address", ray_head,
+        "--config", "configs/prepare_digits16.yaml", "--set", "resolution=0",
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        "config error: resolution = 0 is out of range; accepted: 1 <= value <= 8192"
+    )
+    assert len(client.list_jobs()) == before  # nothing was sent
+
+    out = tmp_path / "digits8"
+    good = _cmray(
+        "submit", "prepare-data", "--address", ray_head,
+        "--config", "configs/prepare_digits16.yaml",
+        "--set", f"out={out}", "--set", "resolution=8",
+    )  # fmt: skip
+    assert good.returncode == 0, good.stderr[-2000:]
+    job_id = good.stdout.split("Ray job ")[1].split()[0]
+    assert f"ray job logs --address {ray_head} --follow {job_id}" in good.stdout
+    deadline = time.monotonic() + 600
+    while not (status := client.get_job_status(job_id)).is_terminal():
+        assert time.monotonic() < deadline, "the job did not finish in 600 s"
+        time.sleep(2)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resolution"] == 8 and manifest["count"] == 1797

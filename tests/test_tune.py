@@ -1,0 +1,292 @@
+"""Hyperparameter searches: config checks, resumable toy students, and real Ray Tune searches
+(the toy with a driver crash and ``Tuner.restore``; digits CT with MLflow and S3 artifacts)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from cmray.config import ConfigError, from_dict, load_config
+from cmray.tune.config import TuneConfig, plan_search
+from cmray.tune.search import max_concurrent
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY_SPACE = [
+    {"key": "ct.optim.lr", "kind": "grid", "values": [1.0e-5, 3.0e-3]},
+    {"key": "ct.metric", "kind": "grid", "values": ["l2", "pseudo_huber"]},
+]
+
+
+def toy_tune(**over: object) -> dict:
+    """A toy search small enough for CI: 240 steps a trial, scored every 40."""
+    cfg = {
+        "experiment": "toy2d",
+        "base": str(ROOT / "configs" / "toy2d.yaml"),
+        "overrides": ["ring.train_points=4096", "ct.optim.epochs=30", "ct.net.hidden=32"],
+        "space": TOY_SPACE,
+        "num_samples": 2,
+        "scheduler": {"grace_period": 80, "reduction_factor": 2},
+        "toy": {"quality_every": 40, "quality_samples": 500, "reference_samples": 1000},
+        "run": {"name": "toy", "storage_path": "runs/tune"},
+        "tracking": {"enabled": False},
+    }
+    cfg.update(over)
+    return cfg
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_shipped_tune_configs_plan(tmp_path: Path) -> None:
+    os.chdir(ROOT)  # the shipped configs name their base relative to the repository
+    plans = {}
+    for path in sorted((ROOT / "configs").glob("tune_*.yaml")):
+        cfg = load_config(TuneConfig, path)
+        if cfg.experiment == "train":
+            assert cfg.tracking.registry_name, path  # the champion alias needs a registry
+        plans[path.name] = plan_search(cfg)
+    assert plans["tune_toy2d.yaml"].metric == "energy_distance"
+    assert plans["tune_digits_ct.yaml"].metric == "fd_digits"
+    lsun = plans["tune_lsun_bedroom256_cd.yaml"]
+    assert (lsun.metric, lsun.trial_gpus, lsun.trial_cpus) == ("fid", 8.0, 64.0)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"key": "ct.s0", "values": [0, 10]}, "space ct.s0 = 0: ct.s0 = 0 is out of range"),
+        ({"key": "ct.metric", "values": ["lpips"]}, "choose one of: l2, l1, pseudo_huber"),
+        ({"key": "ct.sX", "values": [1]}, "unknown key 'ct.sX'"),
+        ({"key": "ct.mu0", "kind": "uniform", "low": 0.9, "high": 1.5}, "ct.mu0 = 1.5"),
+        ({"key": "ct.optim.lr", "kind": "loguniform", "low": 0, "high": 1}, "needs low > 0"),
+        ({"key": "ct.s1", "kind": "randint", "low": 5, "high": 5}, "must be below high"),
+    ],
+)
+def test_a_bad_space_names_the_value_and_what_is_accepted(entry: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as info:
+        plan_search(from_dict(TuneConfig, toy_tune(space=[entry])))
+    assert "\n" not in str(info.value)
+
+
+def test_an_image_search_needs_a_quality_figure(tmp_path: Path) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"data": {"manifest": "m.json"}}))
+    cfg = from_dict(
+        TuneConfig,
+        {"base": str(base), "space": [{"key": "optim.lr", "values": [1e-4]}]},
+    )
+    with pytest.raises(ConfigError, match=r"quality\.every = 0"):
+        plan_search(cfg)
+
+
+def test_the_pipeline_rejects_a_bad_config_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(toy_tune(space=[{"key": "ct.s0", "values": [0]}])))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "tune.py"), "--config", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "config error: space ct.s0 = 0: ct.s0 = 0 is out of range; accepted: value >= 1"
+    ]
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+def test_concurrency_follows_the_cluster() -> None:
+    plan = plan_search(from_dict(TuneConfig, toy_tune(toy={"cpus": 2})))
+    assert max_concurrent(plan, {"CPU": 8.0}) == 4
+    assert max_concurrent(plan, {"CPU": 5.0}) == 2
+    with pytest.raises(ConfigError, match="a trial needs 2 CPUs"):
+        max_concurrent(plan, {"CPU": 1.0})
+    gpu = plan_search(from_dict(TuneConfig, toy_tune()))
+    gpu.trial_cpus, gpu.trial_gpus = 8.0, 8.0
+    assert max_concurrent(gpu, {"CPU": 128.0, "GPU": 16.0}) == 2
+    fixed = plan_search(from_dict(TuneConfig, toy_tune(run={"max_concurrent_trials": 3})))
+    assert max_concurrent(fixed, {"CPU": 1.0}) == 3
+
+
+# --------------------------------------------------------------------------- toy students
+
+
+@pytest.mark.parametrize("method", ["ct", "cd"])
+def test_a_student_resumed_from_its_state_continues_exactly(method: str) -> None:
+    from cmray.experiments.toy2d import ring_of
+    from cmray.train.toy import Student, make_teacher
+    from cmray.train.toy_config import Toy2DConfig
+
+    torch.set_num_threads(1)
+    cfg = load_config(
+        Toy2DConfig,
+        ROOT / "configs" / "toy2d.yaml",
+        ["ring.train_points=1024", "ct.optim.epochs=3", "cd.optim.epochs=3"],
+    )
+    data = ring_of(cfg).sample(1024, torch.Generator().manual_seed(0))
+    teacher = make_teacher(cfg).eval().requires_grad_(False)
+
+    def student() -> Student:
+        return Student(cfg, method, data, teacher if method == "cd" else None)
+
+    whole = student()
+    losses = [whole.train_step() for _ in range(6)]
+    first = student()
+    [first.train_step() for _ in range(3)]
+    resumed = student()
+    resumed.load_state_dict(first.state_dict())
+    assert [resumed.train_step() for _ in range(3)] == losses[3:]
+    for a, b in zip(whole.target.parameters(), resumed.target.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- real searches
+
+
+def _tune(config: Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    log = open(cwd / "tune.log", "ab")  # noqa: SIM115 - the child owns it
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "pipelines" / "tune.py"), "--config", str(config)],
+        cwd=cwd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+def test_toy_search_survives_a_driver_crash_and_finds_the_better_trial(tmp_path: Path) -> None:
+    """Kill the driver once the first trial has checkpoints; the same command resumes the
+    search (Tuner.restore) and finishes it; the best trial beats the worst."""
+    config = tmp_path / "tune.yaml"
+    config.write_text(yaml.safe_dump(toy_tune(num_samples=1, scheduler={"enabled": False})))
+    search = tmp_path / "runs" / "tune" / "toy"
+    proc = _tune(config, tmp_path)
+    deadline = time.monotonic() + 300
+    while not list(search.glob("train/trial_*/checkpoint_*")):
+        assert proc.poll() is None, (tmp_path / "tune.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no trial checkpoint in 300 s"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait(60)
+    assert not (search / "results.csv").exists()
+
+    proc = _tune(config, tmp_path)
+    assert proc.wait(900) == 0, (tmp_path / "tune.log").read_text()[-3000:]
+    log = (tmp_path / "tune.log").read_text()
+    assert "resuming search" in log
+    rows = _rows(search / "results.csv")
+    assert len(rows) == 4  # the grid of 2 x 2 choices, drawn once each
+    assert all(r["status"] == "finished" and r["step"] == "240" for r in rows)
+    scores = [float(r["energy_distance"]) for r in rows]
+    assert scores == sorted(scores) and scores[0] < scores[-1]
+    assert float(rows[0]["ct.optim.lr"]) == 3.0e-3  # a learning rate 300x larger wins
+    best = yaml.safe_load((search / "best_config.yaml").read_text())
+    assert best["ct"]["optim"]["lr"] == 3.0e-3 and best["ct"]["optim"]["epochs"] == 30
+
+
+@pytest.mark.slow
+def test_digits_search_logs_children_and_crowns_a_champion(
+    digits16: str, mlflow_server: str, s3_endpoint: str, tmp_path: Path
+) -> None:
+    """A 2-trial CT search on real shards: each trial a TorchTrainer, a child run of the
+    search's MLflow run (artifacts in S3), and the best trial's model @champion."""
+    from mlflow import MlflowClient
+    from test_train import tiny_config
+
+    from cmray.config import save_config
+
+    base = tiny_config(digits16, steps=8, checkpoint_every=4, log_every=2)
+    base.quality.every, base.quality.features = 4, "digits"
+    base.quality.num_samples = base.quality.batch_size = 100
+    save_config(base, tmp_path / "base.yaml")
+    config = tmp_path / "tune.yaml"
+    search = {
+        "experiment": "train",
+        "base": str(tmp_path / "base.yaml"),
+        "space": [{"key": "optim.lr", "kind": "grid", "values": [1.0e-6, 1.0e-3]}],
+        "num_samples": 1,
+        "scheduler": {"enabled": False},
+        "run": {"name": "img", "storage_path": str(tmp_path / "runs")},
+        "tracking": {
+            "tracking_uri": mlflow_server,
+            "experiment": "search",
+            "registry_name": "digits-search",
+            "system_metrics": False,
+        },
+    }
+    config.write_text(yaml.safe_dump(search))
+    proc = _tune(config, tmp_path)
+    assert proc.wait(900) == 0, (tmp_path / "tune.log").read_text()[-3000:]
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("search")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 and len(runs) == 3
+    assert sorted(float(r.data.params["optim.lr"]) for r in children) == [1.0e-6, 1.0e-3]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        history = client.get_metric_history(child.info.run_id, "fd_digits")
+        assert [m.step for m in history] == [4, 8]
+        assert "loss" in child.data.metrics
+    assert "best_fd_digits" in parent.data.metrics
+
+    best = yaml.safe_load((tmp_path / "runs" / "img" / "best.json").read_text())
+    champion = client.get_model_version_by_alias("digits-search", "champion")
+    assert best["champion"] == champion.version
+    best_child = min(children, key=lambda r: r.data.metrics["fd_digits"])
+    assert champion.run_id == best_child.info.run_id
+    assert len(client.search_model_versions("name='digits-search'")) == 2
+
+    out = tmp_path / "grid.png"
+    model = "models:/digits-search@champion"
+    command = [sys.executable, "-m", "cmray.cli", "sample", "--model", model, "--steps", "1"]
+    sample = subprocess.run(
+        [*command, "--num", "4", "--out", str(out)],
+        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert sample.returncode == 0, sample.stderr[-2000:]
+    assert Image.open(out).size[0] >= 2 * 16
+
+
+def test_a_toy_cd_search_trains_its_teacher_once(tmp_path: Path) -> None:
+    from cmray.train.worker import _toy_teacher as load_teacher
+    from cmray.tune.search import _toy_teacher as train_teacher
+
+    torch.set_num_threads(1)
+    over = ["ring.train_points=512", "teacher.optim.epochs=1", "teacher.optim.batch_size=256"]
+    cfg = toy_tune(overrides=over, toy={"method": "cd"}, run={"storage_path": str(tmp_path)})
+    plan = plan_search(from_dict(TuneConfig, cfg))
+    lines: list[str] = []
+    train_teacher(plan, lines.append)
+    saved = Path(plan.teacher_path)
+    assert saved.is_file() and any(str(saved) in line for line in lines)
+    stamp = saved.stat().st_mtime_ns
+    train_teacher(plan, lines.append)  # a restored search keeps the one it has
+    assert saved.stat().st_mtime_ns == stamp
+    teacher = load_teacher(plan.trial_config({}), plan.teacher_path)
+    state = torch.load(saved, weights_only=True)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in state.items())
+    assert not any(p.requires_grad for p in teacher.parameters())
