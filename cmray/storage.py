@@ -22,6 +22,11 @@ def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(url)
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (Ray workers do not share the driver's cwd); URLs as given."""
+    return path if not path or "://" in path else str(Path(path).resolve())
+
+
 def join_url(base: str, *names: str) -> str:
     """``base/name`` for paths and URLs alike (``s3://b/p`` + ``x.tar`` -> ``s3://b/p/x.tar``)."""
     return "/".join([base.rstrip("/"), *names])

@@ -20,7 +20,7 @@ import torch
 from cmray.config import from_dict, to_dict
 from cmray.data.stream import ShardStream
 from cmray.eval.images import grid_array, save_grid
-from cmray.storage import url_to_fs
+from cmray.storage import absolute, url_to_fs
 from cmray.tracking import resolve_tracking_uri
 from cmray.tracking.config import is_mlflow_uri
 from cmray.train import state as ckpt
@@ -135,10 +135,7 @@ def ray_storage(path: str) -> tuple[str, Any]:
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """A copy whose local paths are absolute: Ray workers do not share the driver's cwd."""
     cfg = copy.deepcopy(cfg)
-
-    def fix(path: str) -> str:
-        return path if not path or "://" in path else str(Path(path).resolve())
-
+    fix = absolute
     cfg.data.manifest = fix(cfg.data.manifest)
     cfg.objective.cd.teacher = fix(cfg.objective.cd.teacher)
     cfg.objective.lpips_weights = fix(cfg.objective.lpips_weights)

@@ -22,22 +22,18 @@ from typing import Any
 import torch
 
 from cmray.config import ConfigError, dump_yaml, flatten
-from cmray.storage import join_url, url_to_fs, write_bytes_atomic
+from cmray.storage import absolute, join_url, url_to_fs, write_bytes_atomic
 from cmray.tracking.config import TrackingConfig
 from cmray.tune.config import SearchPlan, TuneConfig, plan_search
 
 Log = Callable[[str], None]
 
 
-def _absolute(path: str) -> str:
-    return path if not path or "://" in path else str(Path(path).resolve())
-
-
 def localize(plan: SearchPlan) -> SearchPlan:
     """Paths absolute and the tracking URI resolved: trials run in other processes and nodes."""
     from cmray.tracking import resolve_tracking_uri
 
-    run = dataclasses.replace(plan.cfg.run, storage_path=_absolute(plan.cfg.run.storage_path))
+    run = dataclasses.replace(plan.cfg.run, storage_path=absolute(plan.cfg.run.storage_path))
     tracking = plan.cfg.tracking
     if tracking.enabled:
         uri = resolve_tracking_uri(tracking.tracking_uri)
@@ -64,7 +60,8 @@ def max_concurrent(plan: SearchPlan, resources: dict[str, float]) -> int:
         raise ConfigError(
             f"a trial needs {plan.trial_cpus:g} CPUs and {plan.trial_gpus:g} GPUs but the "
             f"cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs; "
-            "use fewer or smaller workers per trial",
+            "use fewer or smaller workers per trial, or set run.max_concurrent_trials (an "
+            "autoscaling cluster may not have started its GPU nodes yet)",
             key="run.max_concurrent_trials",
         )
     return count
