@@ -203,6 +203,25 @@ def test_toy_search_survives_a_driver_crash_and_finds_the_better_trial(tmp_path:
 
 
 @pytest.mark.slow
+def test_trials_asha_stops_free_their_workers_for_the_next(tmp_path: Path) -> None:
+    """8 trials, 2 at a time: the ones ASHA stops must give their CPUs back, or the later
+    trials wait for ever. The machine's current-cluster record names a dead cluster first, as
+    after any earlier `ray start`, which once kept Ray Train's cleaner from freeing them."""
+    from ray._private.utils import write_ray_address
+
+    write_ray_address("127.0.0.1:9")
+    config = tmp_path / "tune.yaml"
+    config.write_text(yaml.safe_dump(toy_tune()))
+    proc = _tune(config, tmp_path)
+    assert proc.wait(900) == 0, (tmp_path / "tune.log").read_text()[-3000:]
+    rows = _rows(tmp_path / "runs" / "tune" / "toy" / "results.csv")
+    assert len(rows) == 8  # the 2 x 2 grid, drawn twice
+    assert {r["status"] for r in rows} == {"finished", "stopped early"}
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert all(int(r["step"]) < 240 for r in stopped)
+
+
+@pytest.mark.slow
 def test_digits_search_logs_children_and_crowns_a_champion(
     digits16: str, mlflow_server: str, s3_endpoint: str, tmp_path: Path
 ) -> None:
