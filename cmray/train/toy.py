@@ -252,10 +252,11 @@ class Student:
         else:
             self.loss_fn = ct_loss_fn(cfg, self.online, self.target, self.K, self.generator)
 
-    def mu(self, step: int) -> float:
+    def schedule(self, step: int) -> tuple[int, float]:
+        """(N, mu) at this step: CD's fixed pair, or CT's curriculum N(k), mu(k)."""
         if self.method == "cd":
-            return self.cfg.cd.mu
-        return ct_curriculum(self.cfg.ct, step, self.K)[1]
+            return self.cfg.cd.N, self.cfg.cd.mu
+        return ct_curriculum(self.cfg.ct, step, self.K)
 
     def train_step(self) -> float:
         """One optimiser step and target update; returns the loss."""
@@ -265,7 +266,7 @@ class Student:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        ema.ema_update_(self.target, self.online, self.mu(self.step))
+        ema.ema_update_(self.target, self.online, self.schedule(self.step)[1])
         self.step += 1
         return loss.item()
 

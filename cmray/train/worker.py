@@ -274,7 +274,8 @@ def toy_worker(config: dict[str, Any]) -> None:
         loss = student.train_step()
         if student.step % trial.quality_every and student.step < student.K:
             continue
-        metrics = {"step": student.step, "loss": loss, "mu": student.mu(student.step - 1)}
+        N, mu = student.schedule(student.step - 1)
+        metrics = {"step": student.step, "loss": loss, "N": N, "mu": mu}
         metrics[TOY_METRIC] = probe(student.target)
         if tracker is not None:
             tracker.log_metrics(metrics, student.step)
