@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 
@@ -24,3 +25,15 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
     return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
+
+
+def start(device: str, threads: int | None) -> torch.device:
+    """Every benchmark's start: torch's CPU threads (2 on a CPU unless given) and a first line
+    with the date and the load average."""
+    where = torch.device(device)
+    if threads is None and where.type == "cpu":
+        threads = 2
+    if threads is not None:
+        torch.set_num_threads(threads)
+    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}; load {load_average()}")
+    return where

@@ -20,7 +20,6 @@ tens of percent over minutes) and how long 50,000 features (one FID) take at the
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import device_name, load_average, sync
+from common import device_name, load_average, start, sync
 from torch import nn
 
 from cmray.eval.features import load_feature_net, write_random_inception_weights
@@ -168,17 +167,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.batches = CUDA_BATCHES if cuda else CPU_BATCHES
     if args.min_seconds is None:
         args.min_seconds = 1.0 if cuda else 3.0
-    if args.threads is None and not cuda:
-        args.threads = 2
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}; load {load_average()}")
+    device = start(args.device, args.threads)
     print(
         f"device: {device_name(device)}; torch {torch.__version__}; "
         f"float32, {args.rounds} rounds, >= {args.min_seconds:g} s per timing"

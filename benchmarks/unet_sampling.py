@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import statistics
 import sys
 import time
 from collections.abc import Callable
 
 import torch
-from common import device_name, load_average, sync
+from common import device_name, load_average, start, sync
 
 from cmray.core.parametrization import ConsistencyFunction
 from cmray.core.sampling import sample_multistep, sample_onestep, taus_from_indices
@@ -172,17 +171,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cuda = args.device == "cuda"
     if args.precision is None:
         args.precision = "bf16" if cuda else "fp32"
-    if args.threads is None and not cuda:
-        args.threads = 2
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}; load {load_average()}")
+    device = start(args.device, args.threads)
     print(f"device: {device_name(device)}; torch {torch.__version__}; {args.precision}")
     f, batch, warm = choose_model(args, device)
     cfg = f.net.cfg

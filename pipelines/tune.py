@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     from cmray.tune.config import plan_search
     from cmray.tune.search import format_table, run_search
 
-    plan_search(cfg)  # the base config and every bound of the space, before Ray starts
-    outcome = run_search(cfg, log)
+    plan = plan_search(cfg)  # the base config and every bound of the space, before Ray starts
+    outcome = run_search(plan, log)
     print(format_table(outcome.rows))
     if outcome.best is None:
         log("no trial reported a quality figure")

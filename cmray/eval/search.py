@@ -42,7 +42,9 @@ def ternary_search(f: Callable[[int], float], lo: int, hi: int) -> int:
 
 
 def greedy_indices(score: Score, N: int, steps: int) -> SearchResult:
-    """Indices 0 = i_0 < i_1 < ... < i_{steps-1} < N - 1 for ``steps``-step sampling, each new
+    """Algorithm 1's time points by greedy ternary search on FID, as Song et al. 2023 pick them.
+
+    Indices 0 = i_0 < i_1 < ... < i_{steps-1} < N - 1 for ``steps``-step sampling, each new
     i_k by ternary search in (i_{k-1}, N - 1) with i_1..i_{k-1} fixed (the paper's greedy
     scheme). ``score`` gets a full index tuple ending at N - 1 and is called once per tuple."""
     if steps < 2 or steps + 1 > N:

@@ -42,12 +42,26 @@ def ring_of(cfg: Toy2DConfig) -> RingMixture:
     return RingMixture(cfg.ring.modes, cfg.ring.radius, cfg.ring.std)
 
 
+def training_data(cfg: Toy2DConfig) -> tuple[torch.Tensor, torch.Generator]:
+    """The fixed training set, and the generator (seeded by ``cfg.seed``) that drew it and
+    goes on to draw every batch and noise of the run."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return ring_of(cfg).sample(cfg.ring.train_points, generator), generator
+
+
+def train_teacher(
+    cfg: Toy2DConfig, log: Log | None = None
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Generator]:
+    """The run's diffusion teacher, with the training set and the generator the students that
+    follow it in the same run go on with."""
+    data, generator = training_data(cfg)
+    torch.manual_seed(cfg.seed)  # network initialisation
+    return toy.train_teacher(cfg, data, generator, log), data, generator
+
+
 def train_all(cfg: Toy2DConfig, log: Log | None = None) -> ToyModels:
     """Teacher, then CD from it, then CT from data alone; one generator seeds all three."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # network initialisation
-    data = ring_of(cfg).sample(cfg.ring.train_points, generator)
-    teacher = toy.train_teacher(cfg, data, generator, log)
+    teacher, data, generator = train_teacher(cfg, log)
     _, cd = toy.train_cd(cfg, data, teacher, generator, log)
     _, ct = toy.train_ct(cfg, data, generator, log)
     return ToyModels(teacher, cd, ct)

@@ -188,14 +188,20 @@ def prepare(cfg: TrainConfig) -> TrainConfig:
 
 def make_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Any:
     """Ray's TorchTrainer running ``train_worker`` for a :func:`prepare`-d config."""
+    return _torch_trainer(train_worker, to_dict(cfg), cfg.run, callbacks)
+
+
+def _torch_trainer(
+    fn: Any, loop_config: dict[str, Any], run: RayConfig, callbacks: Sequence[Any]
+) -> Any:
+    """A TorchTrainer of ``fn`` on ``run``'s workers, named and stored as ``run`` says."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    run = cfg.run
     storage_path, storage_fs = ray_storage(run.storage_path)
     return TorchTrainer(
-        train_worker,
-        train_loop_config=to_dict(cfg),
+        fn,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=run.num_workers,
             use_gpu=run.use_gpu,
@@ -246,7 +252,7 @@ def toy_worker(config: dict[str, Any]) -> None:
 
     from cmray.config import flatten
     from cmray.eval.toy import TOY_METRIC, one_step_probe
-    from cmray.experiments.toy2d import ring_of
+    from cmray.experiments.toy2d import ring_of, training_data
     from cmray.tracking import Tracker, TrackingConfig
     from cmray.train.toy import Student
     from cmray.train.toy_config import Toy2DConfig, ToyTrialConfig
@@ -254,7 +260,7 @@ def toy_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     toy = from_dict(Toy2DConfig, config["toy"])
     trial = from_dict(ToyTrialConfig, config["trial"])
-    data = ring_of(toy).sample(toy.ring.train_points, torch.Generator().manual_seed(toy.seed))
+    data, _ = training_data(toy)
     teacher = _toy_teacher(toy, config["teacher"]) if trial.method == "cd" else None
     student = Student(toy, trial.method, data, teacher)
     checkpoint = ray.train.get_checkpoint()
@@ -290,19 +296,13 @@ def make_toy_trainer(
     job: dict[str, Any], storage: str, cpus: float, callbacks: Sequence[Any] = ()
 ) -> Any:
     """A one-worker TorchTrainer running :func:`toy_worker` on ``job``, named ``job["name"]``."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    storage_path, storage_fs = ray_storage(storage)
-    return TorchTrainer(
-        toy_worker,
-        train_loop_config=job,
-        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(
-            name=job["name"],
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=3),  # resumes from its checkpoint
-            callbacks=list(callbacks),
-        ),
+    # Failures resume from the newest checkpoint, so a few retries cost little.
+    run = RayConfig(
+        name=job["name"],
+        storage_path=storage,
+        num_workers=1,
+        cpus_per_worker=cpus,
+        max_failures=3,
+        keep_checkpoints=2,
     )
+    return _torch_trainer(toy_worker, job, run, callbacks)

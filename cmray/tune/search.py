@@ -24,7 +24,7 @@ import torch
 from cmray.config import ConfigError, dump_yaml, flatten
 from cmray.storage import absolute, join_url, url_to_fs, write_bytes_atomic
 from cmray.tracking.config import TrackingConfig
-from cmray.tune.config import SearchPlan, TuneConfig, plan_search
+from cmray.tune.config import SearchPlan
 
 Log = Callable[[str], None]
 
@@ -154,18 +154,13 @@ def write_outcome(plan: SearchPlan, outcome: Outcome) -> str:
 
 def _toy_teacher(plan: SearchPlan, log: Log) -> None:
     """A toy CD search's one teacher, trained here once (kept for a restored search)."""
-    from cmray.experiments.toy2d import ring_of
-    from cmray.train import toy
+    from cmray.experiments.toy2d import train_teacher
 
     path = plan.teacher_path
     fs, local = url_to_fs(path)
     if fs.exists(local):
         return
-    cfg = plan.trial_config({})
-    generator = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    data = ring_of(cfg).sample(cfg.ring.train_points, generator)
-    teacher = toy.train_teacher(cfg, data, generator, log)
+    teacher, _, _ = train_teacher(plan.trial_config({}), log)
     buffer = io.BytesIO()
     torch.save(teacher.state_dict(), buffer)
     write_bytes_atomic(path, buffer.getvalue())
@@ -198,15 +193,16 @@ def _finish_tracking(plan: SearchPlan, tracker: Any, outcome: Outcome, log: Log)
     tracker.close()
 
 
-def run_search(cfg: TuneConfig, log: Log = print) -> Outcome:
-    """Plan, prepare, search (or resume the search), then record and write the outcome."""
+def run_search(plan: SearchPlan, log: Log = print) -> Outcome:
+    """Prepare, search (or resume the search), then record and write the outcome of a plan
+    from :func:`plan_search` (made before Ray starts, so config mistakes cost nothing)."""
     from cmray.cluster import ray_init
 
     # A trial that ASHA stops is blocked inside TorchTrainer.fit() and cannot end itself;
     # Tune kills its process (and with it the Train run's workers) only after this many
     # seconds (600 by default), holding the trial's CPUs and GPUs idle meanwhile.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "10")
-    plan = plan_search(cfg)  # every config mistake, before Ray starts
+    cfg = plan.cfg
     resources = ray_init()
     plan = localize(plan)
     concurrency = max_concurrent(plan, resources)
