@@ -158,11 +158,32 @@ def _cmray(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cmray_submit_checks_the_config_then_runs_the_job(ray_head: str, tmp_path: Path) -> None:
-    from ray.job_submission import JobStatus, JobSubmissionClient
+_JOBS = """
+import json, sys
+from ray.job_submission import JobSubmissionClient
+client = JobSubmissionClient(sys.argv[1])
+out = {"count": len(client.list_jobs())}
+if len(sys.argv) > 2:
+    status = client.get_job_status(sys.argv[2])
+    out.update(status=status.value, done=status.is_terminal())
+    out.update(logs=client.get_job_logs(sys.argv[2])[-3000:])
+print(json.dumps(out))
+"""
 
-    client = JobSubmissionClient(ray_head)
-    before = len(client.list_jobs())
+
+def _jobs(address: str, *job_id: str) -> dict:
+    """The head's job count, and a job's status and logs, asked from a fresh process: Ray reads
+    its auth mode (RAY_AUTH_MODE, set by the fixture) once per process, and an earlier test in
+    this one may have read it first."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _JOBS, address, *job_id], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_cmray_submit_checks_the_config_then_runs_the_job(ray_head: str, tmp_path: Path) -> None:
+    before = _jobs(ray_head)["count"]
     bad = _cmray(
         "submit", "prepare-data", "--address", ray_head,
         "--config", "configs/prepare_digits16.yaml", "--set", "resolution=0",
@@ -171,7 +192,7 @@ def test_cmray_submit_checks_the_config_then_runs_the_job(ray_head: str, tmp_pat
     assert bad.stderr.strip() == (
         "config error: resolution = 0 is out of range; accepted: 1 <= value <= 8192"
     )
-    assert len(client.list_jobs()) == before  # nothing was sent
+    assert _jobs(ray_head)["count"] == before  # nothing was sent
 
     out = tmp_path / "digits8"
     good = _cmray(
@@ -183,9 +204,9 @@ def test_cmray_submit_checks_the_config_then_runs_the_job(ray_head: str, tmp_pat
     job_id = good.stdout.split("Ray job ")[1].split()[0]
     assert f"ray job logs --address {ray_head} --follow {job_id}" in good.stdout
     deadline = time.monotonic() + 600
-    while not (status := client.get_job_status(job_id)).is_terminal():
+    while not (job := _jobs(ray_head, job_id))["done"]:
         assert time.monotonic() < deadline, "the job did not finish in 600 s"
         time.sleep(2)
-    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
+    assert job["status"] == "SUCCEEDED", job["logs"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["resolution"] == 8 and manifest["count"] == 1797
