@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 OUT ?= runs/toy2d
 DATA ?= runs/data/digits16
 
-.PHONY: demo demo-toy2d test test-fast lint format bench clean
+.PHONY: demo demo-toy2d test test-fast lint format bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_overhead.py
 	$(BIN)/python benchmarks/fid_features.py
 	$(BIN)/python benchmarks/unet_sampling.py
+
+# On a CUDA machine: the LSUN-256 CD-LPIPS and CT-LPIPS training steps (largest batch with and
+# without activation checkpointing, MFU, GPU-hours), FID features/s and U-Net sampling.
+bench-gpu: $(STAMP)
+	mkdir -p runs/bench
+	$(BIN)/python benchmarks/gpu_cd_step.py --json runs/bench/cd_step.json
+	$(BIN)/python benchmarks/gpu_cd_step.py --config configs/lsun_bedroom256_ct_lpips.yaml --json runs/bench/ct_step.json
+	$(BIN)/python benchmarks/fid_features.py --device cuda
+	$(BIN)/python benchmarks/unet_sampling.py --device cuda
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

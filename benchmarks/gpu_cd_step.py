@@ -1,56 +1,88 @@
-"""Images/s, peak memory and estimated MFU of the LSUN-256 CD-LPIPS training step.
+"""Images/s, peak memory and estimated MFU of the LSUN-256 training step (CD-LPIPS by default).
 
-    python benchmarks/gpu_cd_step.py                       # on a GPU: lsun256, bf16
-    python benchmarks/gpu_cd_step.py --preset tiny --device cpu --batches 2 4   # a smoke run
+    python benchmarks/gpu_cd_step.py                 # on a GPU: the shipped CD-LPIPS config, bf16
+    python benchmarks/gpu_cd_step.py --config configs/lsun_bedroom256_ct_lpips.yaml
+    python benchmarks/gpu_cd_step.py --preset tiny --device cpu --batches 2 4 --precision fp32 \
+        --repeats 1 --checkpointing off          # a smoke run
 
-The step is the real one (``cmray.train.step.train_step``): the student's forward and backward,
-the target's forward, a Heun step of an EDM teacher of the same architecture, and LPIPS (VGG16)
-with its backward. The networks are randomly initialised (speed does not depend on the
-weights); the VGG16 weights are random too, written to a file and loaded through the same path
-real weights take. FLOPs per step are counted once with ``torch.utils.flop_counter`` at the
-smallest batch and scaled linearly; MFU = FLOPs/s over ``--peak-tflops`` (H100 SXM dense bf16:
-989). Batch sizes are tried in order until one runs out of memory.
+The step is the real one (``cmray.train.step.train_step``) of the shipped config, EMA rates and
+optimizer included. For CD: the student's forward and backward, the target's forward, a Heun
+step of an EDM teacher of the same architecture, and LPIPS (VGG16) with its backward. The
+networks are randomly initialised (speed does not depend on the weights); the VGG16 weights are
+random too, written to a file and loaded through the same path real weights take.
+
+Batch sizes are tried in order, without and then with activation checkpointing
+(``net.use_checkpoint``), until one runs out of memory: that gives the largest per-GPU batch.
+FLOPs per image are counted once with ``torch.utils.flop_counter`` without checkpointing
+(model FLOPs: recomputation is not counted as useful work). MFU is FLOP/s over the device's
+dense peak (``--peak-tflops``; known for H100, H200 and A100).
+
+The baseline is the assumption behind the GPU-hour table in infra/README.md: 1.1 TFLOP per
+ADM-256 forward, 6 forward-equivalents per CD image (CT 4, EDM 3), 40% of the peak. Each row
+prints measured img/s over that assumed rate, and the end prints the run's GPU-hours at the
+best measured rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import math
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from common import device_name, start, sync
 
-from cmray.config import from_dict, to_dict
+from cmray.config import apply_overrides, from_dict, read_config_file, to_dict
 from cmray.nets.unet import UNET_PRESETS
 from cmray.train.config import TrainConfig
-from cmray.train.loop import build_net, build_trainer
+from cmray.train.loop import Trainer, build_net, build_trainer
+from cmray.train.step import train_step
+
+DEFAULT_CONFIG = "configs/lsun_bedroom256_cd_lpips.yaml"
+DEFAULT_BATCHES = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+# Dense bf16 peaks (TFLOP/s) from the vendors' data sheets, matched against the device name.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+# infra/README.md, "What the reference runs cost": ADM-256 forward cost and forwards per image.
+ASSUMED_FORWARD_TFLOP = 1.1
+ASSUMED_FORWARDS = {"cd": 6, "ct": 4, "edm": 3}
+ASSUMED_MFU = 0.40
+
+
+@dataclass
+class Row:
+    checkpointing: bool
+    batch: int
+    img_per_s: float
+    ms_per_step: float
+    peak_gib: float
+    mfu: float
+    vs_assumed: float
+
+
+def peak_tflops(name: str) -> float:
+    """The dense bf16 peak of a known device, else NaN (MFU then reads nan)."""
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return math.nan
+
+
+def assumed_img_per_s(kind: str, peak: float) -> float:
+    """The baseline: images/s a device of ``peak`` TFLOP/s gives at the assumed cost and MFU."""
+    return ASSUMED_MFU * peak / (ASSUMED_FORWARD_TFLOP * ASSUMED_FORWARDS[kind])
 
 
 def write_random_vgg16(path: Path) -> None:
     from torchvision.models import vgg16
 
     torch.save(vgg16(weights=None).state_dict(), path)
-
-
-def make_config(preset: str, precision: str, teacher_dir: Path, vgg: Path) -> TrainConfig:
-    net = dict(UNET_PRESETS[preset])
-    return from_dict(
-        TrainConfig,
-        {
-            "data": {"manifest": "unused://", "batch_size": 1},
-            "net": net,
-            "objective": {
-                "kind": "cd",
-                "metric": "lpips",
-                "lpips_weights": str(vgg),
-                "cd": {"teacher": str(teacher_dir), "N": 40, "mu": 0.95},
-            },
-            "loop": {"precision": precision, "ema_rates": [0.9999]},
-            "run": {"num_workers": 1},
-        },
-    )
 
 
 def write_teacher(cfg: TrainConfig, directory: Path) -> None:
@@ -68,69 +100,177 @@ def write_teacher(cfg: TrainConfig, directory: Path) -> None:
     torch.save(state, directory / "state.pt")
 
 
-def time_step(trainer, batch: int, repeats: int) -> tuple[float, float]:
-    """Seconds per step and peak memory (GiB) at this batch."""
-    from cmray.train.step import train_step
+def make_config(args: argparse.Namespace, work: Path, checkpointing: bool) -> TrainConfig:
+    """The shipped config with its storage pointed at ``work`` and random weights in place."""
+    data = apply_overrides(read_config_file(args.config), args.set)
+    if args.preset:
+        data["net"] = dict(UNET_PRESETS[args.preset])
+    data["net"]["use_checkpoint"] = checkpointing
+    data["data"]["manifest"] = "unused://"
+    data["run"] = dict(data.get("run", {}), storage_path=str(work / "runs"))
+    loop = data.setdefault("loop", {})
+    loop["precision"] = args.precision or loop.get("precision", "bf16")
+    objective = data.setdefault("objective", {})
+    if objective.get("metric") == "lpips":
+        objective["lpips_weights"] = str(work / "vgg16-397923af.pth")
+    if objective.get("kind") == "cd":
+        objective.setdefault("cd", {})["teacher"] = str(work / "teacher")
+    return from_dict(TrainConfig, data)
 
-    cfg, device = trainer.cfg, trainer.device
-    x0 = torch.rand(batch, 3, cfg.net.resolution, cfg.net.resolution, device=device) * 2 - 1
 
-    def step() -> None:
-        train_step(trainer.state, trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen)
+def random_batch(trainer: Trainer, batch: int) -> torch.Tensor:
+    res = trainer.cfg.net.resolution
+    return torch.rand(batch, 3, res, res, device=trainer.device) * 2 - 1
 
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+
+def one_step(trainer: Trainer, x0: torch.Tensor) -> None:
+    cfg = trainer.cfg
+    train_step(trainer.state, trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen)
+
+
+def time_step(trainer: Trainer, batch: int, repeats: int) -> tuple[float, float]:
+    """Seconds per step and peak memory (GiB; NaN on a CPU) at this batch, after one warm-up."""
+    x0 = random_batch(trainer, batch)
+    one_step(trainer, x0)
+    cuda = trainer.device.type == "cuda"
+    sync(trainer.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+    began = time.perf_counter()
     for _ in range(repeats):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) / repeats, torch.cuda.max_memory_allocated() / 2**30
-    return (time.perf_counter() - start) / repeats, float("nan")
+        one_step(trainer, x0)
+    sync(trainer.device)
+    seconds = (time.perf_counter() - began) / repeats
+    peak = torch.cuda.max_memory_allocated(trainer.device) / 2**30 if cuda else math.nan
+    return seconds, peak
 
 
-def count_flops(trainer, batch: int) -> float:
+def count_flops(trainer: Trainer, batch: int) -> float:
+    """Model FLOPs per image of one step (forward and backward of every network in it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cmray.train.step import train_step
-
-    cfg = trainer.cfg
-    x0 = torch.rand(batch, 3, cfg.net.resolution, cfg.net.resolution, device=trainer.device)
+    x0 = random_batch(trainer, batch)
     with FlopCounterMode(display=False) as counter:
-        train_step(trainer.state, trainer.objective, x0 * 2 - 1, cfg.loop, cfg.optim, trainer.gen)
+        one_step(trainer, x0)
     return counter.get_total_flops() / batch
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="lsun256", choices=sorted(UNET_PRESETS))
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batches", type=int, nargs="+", default=[4, 8, 16, 24, 32, 48, 64])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--peak-tflops", type=float, default=989.0)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    work = Path(tempfile.mkdtemp(prefix="cmray-gpu-bench-"))
-    write_random_vgg16(work / "vgg16-397923af.pth")
-    cfg = make_config(args.preset, args.precision, work / "teacher", work / "vgg16-397923af.pth")
-    write_teacher(cfg, work / "teacher")
-    trainer = build_trainer(cfg, device)
-    flops = count_flops(trainer, args.batches[0])
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{name}; preset {args.preset}; {args.precision}; {flops / 1e12:.2f} TFLOP per image")
+def release(device: torch.device) -> None:
+    """Give back what a finished or out-of-memory trainer held before the next one is built."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sweep(
+    trainer: Trainer, checkpointing: bool, flops: float, args: argparse.Namespace
+) -> list[Row]:
+    """Time each batch size until one does not fit; print and return a row per batch."""
+    rows = []
+    baseline = assumed_img_per_s(trainer.cfg.objective.kind, args.peak_tflops)
     for batch in args.batches:
         try:
             seconds, peak = time_step(trainer, batch, args.repeats)
         except torch.OutOfMemoryError:
-            print(f"batch {batch}: out of memory")
+            print(
+                f"checkpointing {'on ' if checkpointing else 'off'} batch {batch:3d}: out of memory"
+            )
             break
-        mfu = flops * batch / seconds / (args.peak_tflops * 1e12)
+        rate = batch / seconds
+        row = Row(
+            checkpointing,
+            batch,
+            rate,
+            seconds * 1e3,
+            peak,
+            flops * rate / (args.peak_tflops * 1e12),
+            rate / baseline,
+        )
+        rows.append(row)
         print(
-            f"batch {batch:3d}: {batch / seconds:8.1f} img/s  {seconds * 1e3:8.1f} ms/step  "
-            f"peak {peak:6.1f} GiB  MFU {100 * mfu:5.1f}%"
+            f"checkpointing {'on ' if checkpointing else 'off'} batch {batch:3d}: "
+            f"{rate:7.1f} img/s {row.ms_per_step:8.1f} ms/step  peak {peak:5.1f} GiB  "
+            f"MFU {100 * row.mfu:5.1f}%  img/s / assumed {row.vs_assumed:.3f}",
+            flush=True,
+        )
+    return rows
+
+
+def summary(cfg: TrainConfig, rows: list[Row], flops: float, args: argparse.Namespace) -> dict:
+    kind = cfg.objective.kind
+    baseline = assumed_img_per_s(kind, args.peak_tflops)
+    assumed_tflop = ASSUMED_FORWARD_TFLOP * ASSUMED_FORWARDS[kind]
+    best = max(rows, key=lambda r: r.img_per_s)
+    images = cfg.loop.steps * cfg.data.batch_size * cfg.run.num_workers
+    hours = images / best.img_per_s / 3600
+    for mode in (False, True):
+        fits = [r.batch for r in rows if r.checkpointing == mode]
+        if fits:
+            print(f"largest batch that ran, checkpointing {'on' if mode else 'off'}: {max(fits)}")
+    print(
+        f"{flops / 1e12:.2f} TFLOP per image (assumed {assumed_tflop:.1f}); "
+        f"best {best.img_per_s:.1f} img/s at batch {best.batch} "
+        f"(checkpointing {'on' if best.checkpointing else 'off'}), {best.vs_assumed:.3f} x the "
+        f"assumed {baseline:.1f} img/s; {cfg.loop.steps:,} steps x {cfg.data.batch_size} x "
+        f"{cfg.run.num_workers} GPUs = {hours:,.0f} GPU-hours at that rate"
+    )
+    return {"best": asdict(best), "assumed_img_per_s": baseline, "gpu_hours": hours}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="a training config (YAML)")
+    parser.add_argument("--set", action="append", default=[], help="override key=value")
+    parser.add_argument("--preset", default=None, choices=sorted(UNET_PRESETS), help="net")
+    parser.add_argument("--precision", default=None, choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    parser.add_argument("--batches", type=int, nargs="+", default=DEFAULT_BATCHES)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="default: by device")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU: 2)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = start(args.device, args.threads)
+    name = device_name(device)
+    args.peak_tflops = args.peak_tflops or peak_tflops(name)
+    work = Path(tempfile.mkdtemp(prefix="cmray-gpu-bench-"))
+    write_random_vgg16(work / "vgg16-397923af.pth")
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    cfg = make_config(args, work, checkpointing=False)
+    if cfg.objective.kind == "cd":
+        write_teacher(cfg, work / "teacher")
+    flops = count_flops(build_trainer(cfg, device), args.batches[0])
+    release(device)
+    print(
+        f"{name}; {args.config}; net {args.preset or 'from the config'}; {cfg.loop.precision}; "
+        f"peak {args.peak_tflops} TFLOP/s"
+    )
+    rows: list[Row] = []
+    for checkpointing in modes:
+        rows += sweep(
+            build_trainer(make_config(args, work, checkpointing), device),
+            checkpointing,
+            flops,
+            args,
+        )
+        release(device)
+    if not rows:
+        print(f"no batch ran: even {args.batches[0]} is too large", file=sys.stderr)
+        return 1
+    result: dict[str, Any] = {
+        "device": name,
+        "config": args.config,
+        "tflop_per_image": flops / 1e12,
+    }
+    result |= summary(cfg, rows, flops, args)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(result | {"rows": [asdict(r) for r in rows]}, indent=2)
         )
     return 0
 

@@ -1,0 +1,51 @@
+"""The GPU benchmark runs end to end on a CPU, so GPU time is not spent finding its bugs."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def gpu_cd_step():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("gpu_cd_step")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_peak_tflops_matches_device_names(gpu_cd_step):
+    assert gpu_cd_step.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert gpu_cd_step.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_cd_step.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert math.isnan(gpu_cd_step.peak_tflops("CPU x86_64"))
+
+
+def test_baseline_is_the_infra_readme_assumption(gpu_cd_step):
+    # infra/README.md's table: 60 img/s per H100 for CD, 90 for CT, 120 for EDM.
+    rates = {k: gpu_cd_step.assumed_img_per_s(k, 989.4) for k in ("cd", "ct", "edm")}
+    assert [round(rates[k]) for k in ("cd", "ct", "edm")] == [60, 90, 120]
+
+
+def test_cd_lpips_step_sweeps_both_checkpointing_modes(gpu_cd_step, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    argv = ["--preset", "tiny", "--device", "cpu", "--batches", "1", "--repeats", "1"]
+    assert gpu_cd_step.main([*argv, "--precision", "fp32", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["checkpointing"], r["batch"]) for r in rows] == [(False, 1), (True, 1)]
+    assert all(r["img_per_s"] > 0 for r in rows)
+    # LPIPS's VGG16 at 224x224 dominates the tiny net's step: tens of GFLOP per image.
+    assert 0.01 < result["tflop_per_image"] < 1.0
+    # The shipped config's run: 600k steps x 32 per GPU x 8 GPUs at the best measured rate.
+    best = max(r["img_per_s"] for r in rows)
+    assert result["gpu_hours"] == pytest.approx(600_000 * 32 * 8 / best / 3600)
+    assert "largest batch that ran, checkpointing on: 1" in capsys.readouterr().out
