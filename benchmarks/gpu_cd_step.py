@@ -3,7 +3,7 @@
     python benchmarks/gpu_cd_step.py                 # on a GPU: the shipped CD-LPIPS config, bf16
     python benchmarks/gpu_cd_step.py --config configs/lsun_bedroom256_ct_lpips.yaml
     python benchmarks/gpu_cd_step.py --preset tiny --device cpu --batches 2 4 --precision fp32 \
-        --repeats 1 --checkpointing off          # a smoke run
+        --repeats 1 --settings shipped off          # a smoke run
 
 The step is the real one (``cmray.train.step.train_step``) of the shipped config, EMA rates and
 optimizer included. For CD: the student's forward and backward, the target's forward, a Heun
@@ -11,8 +11,10 @@ step of an EDM teacher of the same architecture, and LPIPS (VGG16) with its back
 networks are randomly initialised (speed does not depend on the weights); the VGG16 weights are
 random too, written to a file and loaded through the same path real weights take.
 
-Batch sizes are tried in order, without and then with activation checkpointing
-(``net.use_checkpoint``), until one runs out of memory: that gives the largest per-GPU batch.
+Three settings: the config as shipped (the LSUN configs: 32 images per GPU in 4 passes of 8),
+then batch sizes tried in order in one pass per step, without and then with activation
+checkpointing (``net.use_checkpoint``), until one runs out of memory: that gives the largest
+batch one pass holds.
 FLOPs per image are counted once with ``torch.utils.flop_counter`` without checkpointing
 (model FLOPs: recomputation is not counted as useful work). MFU is FLOP/s over the device's
 dense peak (``--peak-tflops``; known for H100, H200 and A100).
@@ -20,7 +22,7 @@ dense peak (``--peak-tflops``; known for H100, H200 and A100).
 The baseline is the assumption behind the GPU-hour table in infra/README.md: 1.1 TFLOP per
 ADM-256 forward, 6 forward-equivalents per CD image (CT 4, EDM 3), 40% of the peak. Each row
 prints measured img/s over that assumed rate, and the end prints the run's GPU-hours at the
-best measured rate.
+shipped setting's rate and at the best.
 """
 
 from __future__ import annotations
@@ -55,10 +57,18 @@ ASSUMED_FORWARDS = {"cd": 6, "ct": 4, "edm": 3}
 ASSUMED_MFU = 0.40
 
 
+SETTINGS = {
+    "shipped": "the config as shipped (its batch, microbatches and checkpointing)",
+    "off": "one pass per step, no activation checkpointing",
+    "on": "one pass per step, activation checkpointing",
+}
+
+
 @dataclass
 class Row:
-    checkpointing: bool
+    setting: str
     batch: int
+    microbatches: int
     img_per_s: float
     ms_per_step: float
     peak_gib: float
@@ -100,16 +110,19 @@ def write_teacher(cfg: TrainConfig, directory: Path) -> None:
     torch.save(state, directory / "state.pt")
 
 
-def make_config(args: argparse.Namespace, work: Path, checkpointing: bool) -> TrainConfig:
-    """The shipped config with its storage pointed at ``work`` and random weights in place."""
+def make_config(args: argparse.Namespace, work: Path, setting: str) -> TrainConfig:
+    """The shipped config with its storage pointed at ``work`` and random weights in place;
+    for the sweeps, one pass per step with checkpointing off or on."""
     data = apply_overrides(read_config_file(args.config), args.set)
     if args.preset:
         data["net"] = dict(UNET_PRESETS[args.preset])
-    data["net"]["use_checkpoint"] = checkpointing
+    loop = data.setdefault("loop", {})
+    if setting != "shipped":
+        data["net"]["use_checkpoint"] = setting == "on"
+        loop["microbatches"] = 1
+    loop["precision"] = args.precision or loop.get("precision", "bf16")
     data["data"]["manifest"] = "unused://"
     data["run"] = dict(data.get("run", {}), storage_path=str(work / "runs"))
-    loop = data.setdefault("loop", {})
-    loop["precision"] = args.precision or loop.get("precision", "bf16")
     objective = data.setdefault("objective", {})
     if objective.get("metric") == "lpips":
         objective["lpips_weights"] = str(work / "vgg16-397923af.pth")
@@ -119,8 +132,10 @@ def make_config(args: argparse.Namespace, work: Path, checkpointing: bool) -> Tr
 
 
 def random_batch(trainer: Trainer, batch: int) -> torch.Tensor:
+    """Images in [-1, 1], channels-last as the shard stream delivers them."""
     res = trainer.cfg.net.resolution
-    return torch.rand(batch, 3, res, res, device=trainer.device) * 2 - 1
+    x = torch.rand(batch, 3, res, res, device=trainer.device) * 2 - 1
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def one_step(trainer: Trainer, x0: torch.Tensor) -> None:
@@ -162,59 +177,68 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def sweep(
-    trainer: Trainer, checkpointing: bool, flops: float, args: argparse.Namespace
-) -> list[Row]:
-    """Time each batch size until one does not fit; print and return a row per batch."""
+def measure(trainer: Trainer, setting: str, batch: int, flops: float, args) -> Row | None:
+    """Time one batch size and print its row; None when it does not fit in memory."""
+    label = f"{setting:>7} batch {batch:3d} ({trainer.cfg.loop.microbatches} pass(es))"
+    try:
+        seconds, peak = time_step(trainer, batch, args.repeats)
+    except torch.OutOfMemoryError:
+        print(f"{label}: out of memory", flush=True)
+        return None
+    rate = batch / seconds
+    mfu = flops * rate / (args.peak_tflops * 1e12)
+    vs_assumed = rate / assumed_img_per_s(trainer.cfg.objective.kind, args.peak_tflops)
+    row = Row(
+        setting, batch, trainer.cfg.loop.microbatches, rate, seconds * 1e3, peak, mfu, vs_assumed
+    )
+    print(
+        f"{label}: {rate:7.1f} img/s {row.ms_per_step:8.1f} ms/step  peak {peak:5.1f} GiB  "
+        f"MFU {100 * mfu:5.1f}%  img/s / assumed {vs_assumed:.3f}",
+        flush=True,
+    )
+    return row
+
+
+def run_setting(cfg: TrainConfig, setting: str, flops: float, args) -> list[Row]:
+    """The shipped batch once, or each sweep batch until one does not fit."""
+    trainer = build_trainer(cfg, torch.device(args.device))
+    batches = [cfg.data.batch_size] if setting == "shipped" else args.batches
     rows = []
-    baseline = assumed_img_per_s(trainer.cfg.objective.kind, args.peak_tflops)
-    for batch in args.batches:
-        try:
-            seconds, peak = time_step(trainer, batch, args.repeats)
-        except torch.OutOfMemoryError:
-            print(
-                f"checkpointing {'on ' if checkpointing else 'off'} batch {batch:3d}: out of memory"
-            )
+    for batch in batches:
+        row = measure(trainer, setting, batch, flops, args)
+        if row is None:
             break
-        rate = batch / seconds
-        row = Row(
-            checkpointing,
-            batch,
-            rate,
-            seconds * 1e3,
-            peak,
-            flops * rate / (args.peak_tflops * 1e12),
-            rate / baseline,
-        )
         rows.append(row)
-        print(
-            f"checkpointing {'on ' if checkpointing else 'off'} batch {batch:3d}: "
-            f"{rate:7.1f} img/s {row.ms_per_step:8.1f} ms/step  peak {peak:5.1f} GiB  "
-            f"MFU {100 * row.mfu:5.1f}%  img/s / assumed {row.vs_assumed:.3f}",
-            flush=True,
-        )
     return rows
+
+
+def gpu_hours(cfg: TrainConfig, img_per_s: float) -> float:
+    """The config's whole run (steps x global batch) at ``img_per_s`` per GPU."""
+    return cfg.loop.steps * cfg.data.batch_size * cfg.run.num_workers / img_per_s / 3600
 
 
 def summary(cfg: TrainConfig, rows: list[Row], flops: float, args: argparse.Namespace) -> dict:
     kind = cfg.objective.kind
     baseline = assumed_img_per_s(kind, args.peak_tflops)
     assumed_tflop = ASSUMED_FORWARD_TFLOP * ASSUMED_FORWARDS[kind]
-    best = max(rows, key=lambda r: r.img_per_s)
-    images = cfg.loop.steps * cfg.data.batch_size * cfg.run.num_workers
-    hours = images / best.img_per_s / 3600
-    for mode in (False, True):
-        fits = [r.batch for r in rows if r.checkpointing == mode]
+    print(f"{flops / 1e12:.2f} TFLOP per image (assumed {assumed_tflop:.1f})")
+    for setting in ("off", "on"):
+        fits = [r.batch for r in rows if r.setting == setting]
         if fits:
-            print(f"largest batch that ran, checkpointing {'on' if mode else 'off'}: {max(fits)}")
-    print(
-        f"{flops / 1e12:.2f} TFLOP per image (assumed {assumed_tflop:.1f}); "
-        f"best {best.img_per_s:.1f} img/s at batch {best.batch} "
-        f"(checkpointing {'on' if best.checkpointing else 'off'}), {best.vs_assumed:.3f} x the "
-        f"assumed {baseline:.1f} img/s; {cfg.loop.steps:,} steps x {cfg.data.batch_size} x "
-        f"{cfg.run.num_workers} GPUs = {hours:,.0f} GPU-hours at that rate"
-    )
-    return {"best": asdict(best), "assumed_img_per_s": baseline, "gpu_hours": hours}
+            print(f"largest batch in one pass, checkpointing {setting}: {max(fits)}")
+    run = f"{cfg.loop.steps:,} steps x {cfg.data.batch_size} x {cfg.run.num_workers} GPUs"
+    result: dict[str, Any] = {"assumed_img_per_s": baseline}
+    for name, pick in (("shipped", [r for r in rows if r.setting == "shipped"]), ("best", rows)):
+        if pick:
+            row = max(pick, key=lambda r: r.img_per_s)
+            hours = gpu_hours(cfg, row.img_per_s)
+            print(
+                f"{name}: {row.img_per_s:.1f} img/s ({row.setting}, batch {row.batch}), "
+                f"{row.vs_assumed:.3f} x the assumed {baseline:.1f} img/s; {run} = "
+                f"{hours:,.0f} GPU-hours at that rate"
+            )
+            result[name] = asdict(row) | {"gpu_hours": hours}
+    return result
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -226,7 +250,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     parser.add_argument("--batches", type=int, nargs="+", default=DEFAULT_BATCHES)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
+    parser.add_argument(
+        "--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS), help=str(SETTINGS)
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="default: by device")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU: 2)")
@@ -240,38 +266,27 @@ def main(argv: list[str] | None = None) -> int:
     args.peak_tflops = args.peak_tflops or peak_tflops(name)
     work = Path(tempfile.mkdtemp(prefix="cmray-gpu-bench-"))
     write_random_vgg16(work / "vgg16-397923af.pth")
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
-    cfg = make_config(args, work, checkpointing=False)
-    if cfg.objective.kind == "cd":
-        write_teacher(cfg, work / "teacher")
-    flops = count_flops(build_trainer(cfg, device), args.batches[0])
+    shipped = make_config(args, work, "shipped")
+    if shipped.objective.kind == "cd":
+        write_teacher(shipped, work / "teacher")
+    flops = count_flops(build_trainer(make_config(args, work, "off"), device), args.batches[0])
     release(device)
     print(
-        f"{name}; {args.config}; net {args.preset or 'from the config'}; {cfg.loop.precision}; "
-        f"peak {args.peak_tflops} TFLOP/s"
+        f"{name}; {args.config}; net {args.preset or 'from the config'}; "
+        f"{shipped.loop.precision}; peak {args.peak_tflops} TFLOP/s"
     )
     rows: list[Row] = []
-    for checkpointing in modes:
-        rows += sweep(
-            build_trainer(make_config(args, work, checkpointing), device),
-            checkpointing,
-            flops,
-            args,
-        )
+    for setting in args.settings:
+        rows += run_setting(make_config(args, work, setting), setting, flops, args)
         release(device)
     if not rows:
-        print(f"no batch ran: even {args.batches[0]} is too large", file=sys.stderr)
+        print("no setting ran: every batch was too large", file=sys.stderr)
         return 1
-    result: dict[str, Any] = {
-        "device": name,
-        "config": args.config,
-        "tflop_per_image": flops / 1e12,
-    }
-    result |= summary(cfg, rows, flops, args)
+    result = {"device": name, "config": args.config, "tflop_per_image": flops / 1e12}
+    result |= summary(shipped, rows, flops, args)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(result | {"rows": [asdict(r) for r in rows]}, indent=2)
-        )
+        rows_out = {"rows": [asdict(r) for r in rows]}
+        Path(args.json).write_text(json.dumps(result | rows_out, indent=2))
     return 0
 
 

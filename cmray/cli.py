@@ -127,10 +127,21 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(run=_eval_command)
 
 
+def _count(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: accepted: an integer >= 1")
+    return value
+
+
 def _sample_command(args: argparse.Namespace) -> int:
     import torch
 
-    from cmray.core.sampling import sample_multistep, taus_from_indices
+    from cmray.core.sampling import in_batches, sample_multistep, taus_from_indices
     from cmray.eval.images import save_grid
     from cmray.train.loop import load_model
 
@@ -149,6 +160,7 @@ def _sample_command(args: argparse.Namespace) -> int:
     shape = (args.num, net.in_channels, net.resolution, net.resolution)
     gen = torch.Generator().manual_seed(args.seed)
     z = torch.randn(shape, generator=gen).to(args.device)
+    f = in_batches(f, args.batch)
     x = sample_multistep(f, z, taus, gen, noise.sigma_min, noise.sigma_max, clip=(-1, 1)).x
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(x.cpu(), args.out)
@@ -220,7 +232,10 @@ def _add_model_parsers(sub: argparse._SubParsersAction) -> None:
     sample.add_argument("--model", required=True, help="models:/NAME@ALIAS, checkpoint or file")
     sample.add_argument("--steps", type=int, choices=(1, 2), default=1)
     sample.add_argument("--taus", type=float, nargs="+", help="multistep taus (Algorithm 1)")
-    sample.add_argument("--num", type=int, default=64)
+    sample.add_argument("--num", type=_count, default=64)
+    sample.add_argument(
+        "--batch", type=_count, default=16, help="images per network call (GPU memory)"
+    )
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="cpu", help="cpu or cuda")
     sample.add_argument("--out", required=True, type=Path)

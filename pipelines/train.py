@@ -19,6 +19,18 @@ from cmray.config import add_config_args, config_from_args, exit_on_config_error
 from cmray.train.config import TrainConfig
 
 
+def _local_device(cfg: TrainConfig) -> str:
+    """``--local`` trains on the GPU when the config asks for one and one is visible."""
+    import torch
+
+    if not cfg.run.use_gpu:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    print("run.use_gpu is set but no CUDA device is visible: training on the CPU")
+    return "cpu"
+
+
 def _start_ray(cfg: TrainConfig) -> None:
     from cmray.cluster import ray_init
 
@@ -39,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
 
         preflight(cfg)
         out = Path(cfg.run.storage_path) / cfg.run.name
-        run_local(cfg, out, log=lambda m: print(f"[{time.perf_counter() - start:7.1f}s] {m}"))
+        device = _local_device(cfg)
+        run_local(
+            cfg,
+            out,
+            log=lambda m: print(f"[{time.perf_counter() - start:7.1f}s] {m}"),
+            device=device,
+        )
         print(f"checkpoints in {out / 'checkpoints'}")
         return 0
     from cmray.train.worker import absolute_paths, launch, preflight

@@ -262,6 +262,25 @@ def test_multistep_validates_taus():
         sampling.sample_multistep(f, torch.zeros(2, 2), [100.0], None)
 
 
+def test_sub_batched_network_calls_give_the_same_samples():
+    sizes = []
+
+    def f(x, t):
+        sizes.append(x.shape[0])
+        return torch.tanh(x / (1 + t[:, None]))  # each sample's output depends on itself alone
+
+    z = torch.randn(10, 3, generator=torch.Generator().manual_seed(0))
+    taus = [10.0, 1.0]
+    whole = sampling.sample_multistep(f, z, taus, torch.Generator().manual_seed(1), EPS, T).x
+    sizes.clear()
+    split = sampling.in_batches(f, 4)
+    parts = sampling.sample_multistep(split, z, taus, torch.Generator().manual_seed(1), EPS, T).x
+    assert torch.equal(parts, whole)
+    assert sizes == [4, 4, 2] * 3  # every one of the 3 evaluations is split
+    with pytest.raises(ValueError, match="at least 1"):
+        sampling.in_batches(f, 0)
+
+
 def test_taus_from_official_indices():
     taus = sampling.taus_from_indices([0, 17, 39], 40)
     assert len(taus) == 1

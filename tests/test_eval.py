@@ -21,6 +21,7 @@ from cmray.eval.features import (
     stage_inception,
     write_random_inception_weights,
 )
+from cmray.eval.featurizer import Featurizer, SampleTask
 from cmray.eval.frechet import RunningGaussian, gaussian_stats
 from cmray.eval.reference import load_ref_stats, ref_stats_url
 from cmray.eval.scores import knn_radii
@@ -198,6 +199,16 @@ def test_given_indices_skip_the_search(digits16: str, digits_model: str, tmp_pat
     )
     report = evaluate(cfg, log=lambda _: None)
     assert report["search"] is None and report["results"][1]["indices"] == [0, 5, 11]
+
+
+def test_sub_batched_sampling_gives_the_same_features(digits16: str, digits_model: str) -> None:
+    def features(model_batch: int) -> dict[str, torch.Tensor]:
+        cfg = eval_config(digits16, digits_model, Path("unused"), model_batch=model_batch)
+        return Featurizer(cfg, with_model=True).samples(SampleTask(3, 40, taus=(5.0,)))
+
+    whole, split = features(250), features(7)
+    assert torch.allclose(split["pool"], whole["pool"], atol=1e-5)
+    assert torch.equal(split["images"], whole["images"])
 
 
 def test_cli_rejects_bad_input_with_one_line(

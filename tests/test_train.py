@@ -98,6 +98,21 @@ def test_a_checkpoint_without_its_markers_is_never_loaded(digits16: str, tmp_pat
     shutil.rmtree(root)
 
 
+def test_a_generator_saved_on_another_device_type_is_reseeded(
+    digits16: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    trainer = build_trainer(tiny_config(digits16), torch.device("cpu"))
+    gens = trainer.state.generators
+    saved = trainer.state.rank_state()
+    saved["generators"]["noise"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's size
+    fresh_noise = gens["noise"].get_state()
+    torch.rand(3, generator=gens["index"])  # moved on, so restoring it shows
+    trainer.state.load_rank(saved)
+    assert torch.equal(gens["index"].get_state(), saved["generators"]["index"])
+    assert torch.equal(gens["noise"].get_state(), fresh_noise)
+    assert "'noise' was saved on another device type" in caplog.text
+
+
 def test_nonfinite_steps_change_nothing_and_stop_the_run(digits16: str) -> None:
     cfg = tiny_config(digits16, nonfinite_limit=3)
     trainer = build_trainer(cfg, torch.device("cpu"))
@@ -123,6 +138,21 @@ def test_mixed_precision_steps_are_finite_and_learn(digits16: str, precision: st
         for _ in range(3)
     ]
     assert all(r.finite for r in results) and trainer.state.step == 3
+
+
+def test_fp16_loss_scale_backoff_is_not_a_failure(digits16: str) -> None:
+    cfg = tiny_config(digits16, precision="fp16", nonfinite_limit=3)
+    trainer = build_trainer(cfg, torch.device("cpu"))
+    state = trainer.state
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # far too large: overflows
+    x0 = torch.rand(8, 3, 16, 16) * 2 - 1
+    results = [
+        train_step(state, trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen)
+        for _ in range(60)
+    ]
+    overflows = sum(not r.finite for r in results)
+    assert overflows > cfg.loop.nonfinite_limit and state.skipped_steps == overflows
+    assert results[-1].finite and state.scaler.get_scale() < 2.0**60
 
 
 def test_microbatches_accumulate_into_one_step(digits16: str) -> None:

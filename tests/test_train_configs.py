@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cmray.config import load_config
 from cmray.train.config import TrainConfig
@@ -70,3 +71,26 @@ def test_a_bad_config_fails_before_ray_starts(digits16: str, override: str, mess
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "config error" in result.stderr
     assert "Ray instance" not in result.stderr + result.stdout
+
+
+def test_local_training_uses_the_gpu_only_when_one_is_visible(
+    digits16: str, tmp_path: Path
+) -> None:
+    sets = {
+        "data.manifest": f"{digits16}/manifest.json",
+        "loop.steps": 2,
+        "loop.checkpoint_every": 2,
+        "loop.log_every": 1,
+        "run.use_gpu": "true",
+        "run.storage_path": str(tmp_path),
+        "tracking.enabled": "false",
+    }
+    args = ["--config", str(ROOT / "configs" / "digits_ct.yaml"), "--local"]
+    args += [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+    result = subprocess.run(
+        [sys.executable, *TRAIN, *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    fell_back = "no CUDA device is visible: training on the CPU" in result.stdout
+    assert fell_back != torch.cuda.is_available()
+    assert (tmp_path / "digits_ct" / "checkpoints" / "step-000000002").is_dir()

@@ -23,6 +23,7 @@ from cmray.data.config import StreamConfig
 def stream_worker(config: dict[str, Any]) -> None:
     """Ray Train loop: stream ``epochs`` epochs, then report per-rank results from rank 0."""
     import ray.train
+    import ray.train.torch
     import torch
     import torch.distributed as dist
 
@@ -30,7 +31,9 @@ def stream_worker(config: dict[str, Any]) -> None:
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    stream = ShardStream(from_dict(StreamConfig, config["data"]), rank, world)
+    # With GPUs the process group is NCCL, which reduces only CUDA tensors.
+    device = ray.train.torch.get_device()
+    stream = ShardStream(from_dict(StreamConfig, config["data"]), rank, world, device=device)
     batches, images, start = 0, 0, time.perf_counter()
     for epoch in range(config["epochs"]):
         stream.set_epoch(epoch)
@@ -40,10 +43,10 @@ def stream_worker(config: dict[str, Any]) -> None:
             batches, images = batches + 1, images + len(batch["key"])
     stats = stream.stats
     mine = [batches, images, images / (time.perf_counter() - start), *stats.values()]
-    gathered = [torch.zeros(len(mine), dtype=torch.float64) for _ in range(world)]
-    dist.all_gather(gathered, torch.tensor(mine, dtype=torch.float64))
+    gathered = [torch.zeros(len(mine), dtype=torch.float64, device=device) for _ in range(world)]
+    dist.all_gather(gathered, torch.tensor(mine, dtype=torch.float64, device=device))
     names = ["batches", "images", "images_per_s", *stats]
-    per_rank = [dict(zip(names, row.tolist(), strict=True)) for row in gathered]
+    per_rank = [dict(zip(names, row.cpu().tolist(), strict=True)) for row in gathered]
     # Ray Train V2 keeps only metrics that come with a checkpoint, so rank 0 attaches a tiny one.
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None

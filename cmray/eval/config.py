@@ -61,6 +61,9 @@ class QualityConfig:
     weights: str = param("", help="feature network weights (empty: as in evaluation)")
     num_samples: int = param(1000, help="one-step samples per measurement", ge=2)
     batch_size: int = param(250, help="samples generated and featurized at once", ge=1)
+    model_batch: int = param(
+        16, help="images per network call when sampling (GPU memory; samples do not change)", ge=1
+    )
     seed: int = param(0, help="noise seed; the same noise at every measurement")
 
 
@@ -89,6 +92,9 @@ class EvalConfig:
     )
     pr_k: int = param(3, help="k of the k-NN manifolds", ge=1)
     batch_size: int = param(250, help="images per task (generation and featurization)", ge=1)
+    model_batch: int = param(
+        16, help="images per network call when sampling (GPU memory; samples do not change)", ge=1
+    )
     sampling: SamplingConfig = param(
         default_factory=SamplingConfig, help="one-step and multistep sampling"
     )

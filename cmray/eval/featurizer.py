@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cmray.config import to_dict
-from cmray.core.sampling import sample_multistep
+from cmray.core.sampling import in_batches, sample_multistep
 from cmray.data.manifest import read_manifest
 from cmray.data.stream import shard_batches
 from cmray.eval.config import EvalConfig
@@ -112,7 +112,7 @@ class Featurizer:
         shape = (task.count, net.in_channels, net.resolution, net.resolution)
         z, steps = chunk_noise(self.cfg.seed, task.chunk, shape)
         x = sample_multistep(
-            self.model,
+            in_batches(self.model, self.cfg.model_batch),
             z.to(self.device),
             task.taus,
             steps,

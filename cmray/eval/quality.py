@@ -29,6 +29,7 @@ def _eval_config(cfg: QualityConfig, manifest: str, workers: int, use_gpu: bool)
         weights=cfg.weights,
         num_samples=cfg.num_samples,
         batch_size=cfg.batch_size,
+        model_batch=cfg.model_batch,
         seed=cfg.seed,
         workers=workers,
         use_gpu=use_gpu,

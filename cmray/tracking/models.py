@@ -15,6 +15,7 @@ import mlflow
 import numpy as np
 
 MODEL_ARTIFACT = "model"  # the name= of the logged model and the key of its artifact
+SAMPLE_BATCH = 16  # images per network call: a 256x256 request of 64 would hold ~40 GiB at once
 
 
 class ConsistencyPyfunc(mlflow.pyfunc.PythonModel):
@@ -28,11 +29,12 @@ class ConsistencyPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: np.ndarray, params: Any = None) -> np.ndarray:
         import torch
 
-        from cmray.core.sampling import sample_onestep
+        from cmray.core.sampling import in_batches, sample_onestep
 
         z = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         sigma_max = self.cfg.objective.noise.sigma_max
-        return sample_onestep(self.model, z, sigma_max, clip=(-1.0, 1.0)).x.numpy()
+        f = in_batches(self.model, SAMPLE_BATCH)
+        return sample_onestep(f, z, sigma_max, clip=(-1.0, 1.0)).x.numpy()
 
 
 def log_consistency_model(

@@ -15,6 +15,7 @@ function of the step (``data_position``), as the shuffle order is of (seed, rank
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -27,6 +28,8 @@ from torch import nn
 
 from cmray.core.ema import EMABank
 from cmray.storage import local_temp_beside
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 # Ours (``run_local``) and Ray Train's (``checkpoint_<timestamp>``) checkpoint directories.
@@ -93,7 +96,13 @@ class TrainState:
             torch.cuda.set_rng_state(state, i)
         random.setstate(_as_random_state(data["python"]))
         for key, state in data["generators"].items():
-            self.generators[key].set_state(state)
+            generator = self.generators[key]
+            if state.numel() != generator.get_state().numel():
+                # Saved on another device type (CPU and CUDA generator states differ in size),
+                # e.g. a run begun on a laptop and continued on a GPU: keep the fresh generator.
+                log.warning("generator %r was saved on another device type; reseeded", key)
+                continue
+            generator.set_state(state)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -48,15 +48,16 @@ def _accumulate(
 ) -> float:
     """Forward and backward over the microbatches; the mean loss over the whole batch."""
     chunks = x0.chunk(loop.microbatches)
-    total = 0.0
+    losses = []
     for i, chunk in enumerate(chunks):
         with _no_sync(state.online, i == len(chunks) - 1):
             with _autocast(loop.precision, x0.device):
                 loss = objective.loss(state.online, state.target, chunk, state.step, gen).mean()
             scaled = loss / len(chunks)
             (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
-        total += loss.detach().float().item() / len(chunks)
-    return total
+        losses.append(loss.detach().float())
+    # One device sync per step, not one per microbatch.
+    return sum(value / len(chunks) for value in torch.stack(losses).tolist())
 
 
 def _grad_norm(state: TrainState, clip: float) -> float:
@@ -65,6 +66,12 @@ def _grad_norm(state: TrainState, clip: float) -> float:
     params = [p for p in state.online.parameters() if p.grad is not None]
     max_norm = clip if clip > 0 else math.inf
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def _loss_scale_overflow(state: TrainState, loss: float) -> bool:
+    """A finite loss whose fp16-scaled gradients overflowed while the scale is still >= 1: the
+    scaler halves the scale and the next step retries, its normal way of finding the scale."""
+    return state.scaler is not None and math.isfinite(loss) and state.scaler.get_scale() >= 1.0
 
 
 def train_step(
@@ -78,7 +85,8 @@ def train_step(
     """Algorithm 2/3 lines 4-9 for one batch: update theta, then theta- and the EMA copies.
 
     A step whose loss or gradient is not finite changes nothing but the counters, and
-    ``loop.nonfinite_limit`` of them in a row raise ``NonFiniteLossError``.
+    ``loop.nonfinite_limit`` of them in a row raise ``NonFiniteLossError``; fp16's loss-scale
+    overflows are skipped too but do not count towards the limit.
     """
     state.optimizer.zero_grad(set_to_none=True)
     loss = _accumulate(state, objective, x0, loop, gen)
@@ -93,7 +101,7 @@ def train_step(
         state.nonfinite_run = 0
     else:
         state.skipped_steps += 1
-        state.nonfinite_run += 1
+        state.nonfinite_run += 0 if _loss_scale_overflow(state, loss) else 1
         if state.nonfinite_run >= loop.nonfinite_limit:
             raise NonFiniteLossError(
                 f"{state.nonfinite_run} steps in a row had a non-finite loss or gradient (last "
