@@ -182,7 +182,9 @@ def measure(trainer: Trainer, setting: str, batch: int, flops: float, args) -> R
     label = f"{setting:>7} batch {batch:3d} ({trainer.cfg.loop.microbatches} pass(es))"
     try:
         seconds, peak = time_step(trainer, batch, args.repeats)
-    except torch.OutOfMemoryError:
+    except RuntimeError as exc:  # cuBLAS/cuDNN workspace failures are not OutOfMemoryError
+        if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc):
+            raise
         print(f"{label}: out of memory", flush=True)
         return None
     rate = batch / seconds
