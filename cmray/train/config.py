@@ -122,6 +122,9 @@ class RayConfig:
     cpus_per_worker: float = param(1.0, help="CPUs reserved per worker", gt=0)
     max_failures: int = param(3, help="worker failures tolerated before the run fails", ge=-1)
     keep_checkpoints: int = param(3, help="checkpoints kept (the newest)", ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = param(
+        "WARNING", help="Ray Train's own console lines (INFO: every report of every rank)"
+    )
 
 
 @dataclass

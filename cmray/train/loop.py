@@ -189,7 +189,9 @@ def build_trainer(
 ) -> Trainer:
     """Fresh state; every rank builds the same initial weights from ``loop.seed``."""
     torch.manual_seed(cfg.loop.seed)
-    online = build_net(cfg).to(device)
+    # Channels-last like the batches: gradients then match DDP's bucket layout (no per-step
+    # copy or stride warning), and cuDNN runs its NHWC kernels.
+    online = build_net(cfg).to(device, memory_format=torch.channels_last)
     target = None if cfg.objective.kind == "edm" else frozen_copy(online)
     ema = EMABank(online, cfg.loop.ema_rates)
     online = wrap(online)

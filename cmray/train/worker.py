@@ -8,8 +8,11 @@ restarted by Ray, up to ``run.max_failures`` times, and continues from the same 
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 import os
 import signal
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,7 +51,7 @@ def _resume(trainer: Trainer) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             step = ckpt.load_checkpoint(trainer.state, directory, trainer.rank)
-        print(f"rank {trainer.rank}: resumed at step {step}", flush=True)
+        say(f"rank {trainer.rank}: resumed at step {step}")
 
 
 def _report(trainer: Trainer, metrics: dict[str, float], save: bool, grid: list) -> None:
@@ -62,6 +65,13 @@ def _report(trainer: Trainer, metrics: dict[str, float], save: bool, grid: list)
         if trainer.rank == 0 and grid:
             save_grid(grid.pop(), Path(tmp) / SAMPLE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def say(line: str) -> None:
+    """A line on the worker's console. Ray Train's print() in workers both logs and echoes
+    the line, so the job log showed every print twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def progress_line(metrics: dict[str, float], steps: int, saved: bool) -> str:
@@ -107,7 +117,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, float], save: bool) -> None:
         if rank == 0:
-            print(progress_line(metrics, cfg.loop.steps, save), flush=True)
+            say(progress_line(metrics, cfg.loop.steps, save))
         if tracker is not None:
             tracker.log_metrics(metrics, trainer.state.step)
         _report(trainer, metrics, save, grid)
@@ -195,12 +205,12 @@ def _torch_trainer(
     fn: Any, loop_config: dict[str, Any], run: RayConfig, callbacks: Sequence[Any]
 ) -> Any:
     """A TorchTrainer of ``fn`` on ``run``'s workers, named and stored as ``run`` says."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage_path, storage_fs = ray_storage(run.storage_path)
     return TorchTrainer(
-        fn,
+        functools.partial(_at_log_level, fn, run.log_level),
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=run.num_workers,
@@ -213,9 +223,22 @@ def _torch_trainer(
             storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints),
             failure_config=FailureConfig(max_failures=run.max_failures),
+            logging_config=LoggingConfig(log_level=run.log_level),
             callbacks=list(callbacks),
         ),
     )
+
+
+def _at_log_level(fn: Any, level: str, config: dict[str, Any]) -> None:
+    """Run a worker function with Ray Train's per-report line at ``level`` too: Ray logs it
+    under a logger named by its file path, which LoggingConfig's level does not reach."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: the line stays
+        context = None
+    if context is not None:
+        logging.getLogger(context.__file__).setLevel(level)
+    fn(config)
 
 
 def worker_resources(run: RayConfig) -> dict[str, float]:
