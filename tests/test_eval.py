@@ -202,12 +202,22 @@ def test_given_indices_skip_the_search(digits16: str, digits_model: str, tmp_pat
 
 
 def test_sub_batched_sampling_gives_the_same_features(digits16: str, digits_model: str) -> None:
-    def features(model_batch: int) -> dict[str, torch.Tensor]:
+    def features(model_batch: int) -> tuple[dict[str, torch.Tensor], list[int]]:
         cfg = eval_config(digits16, digits_model, Path("unused"), model_batch=model_batch)
-        return Featurizer(cfg, with_model=True).samples(SampleTask(3, 40, taus=(5.0,)))
+        featurizer = Featurizer(cfg, with_model=True)
+        model, sizes = featurizer.model, []
 
-    whole, split = features(250), features(7)
+        def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            sizes.append(x.shape[0])
+            return model(x, t)
+
+        featurizer.use_model(counted, featurizer.train_cfg)
+        return featurizer.samples(SampleTask(3, 40, taus=(5.0,), keep_images=40)), sizes
+
+    (whole, whole_calls), (split, split_calls) = features(250), features(16)
+    assert whole_calls == [40, 40] and split_calls == [16, 16, 8] * 2  # two NFE, each split
     assert torch.allclose(split["pool"], whole["pool"], atol=1e-5)
+    assert split["images"].shape[0] == 40
     assert torch.equal(split["images"], whole["images"])
 
 

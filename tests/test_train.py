@@ -113,8 +113,9 @@ def test_a_generator_saved_on_another_device_type_is_reseeded(
     assert "'noise' was saved on another device type" in caplog.text
 
 
-def test_nonfinite_steps_change_nothing_and_stop_the_run(digits16: str) -> None:
-    cfg = tiny_config(digits16, nonfinite_limit=3)
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])  # fp16: a NaN loss is no scale backoff
+def test_nonfinite_steps_change_nothing_and_stop_the_run(digits16: str, precision: str) -> None:
+    cfg = tiny_config(digits16, nonfinite_limit=3, precision=precision)
     trainer = build_trainer(cfg, torch.device("cpu"))
     state = trainer.state
     before = copy.deepcopy(state.online.state_dict())

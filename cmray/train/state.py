@@ -100,7 +100,11 @@ class TrainState:
             if state.numel() != generator.get_state().numel():
                 # Saved on another device type (CPU and CUDA generator states differ in size),
                 # e.g. a run begun on a laptop and continued on a GPU: keep the fresh generator.
-                log.warning("generator %r was saved on another device type; reseeded", key)
+                log.warning(
+                    "generator %r was saved on another device type; it restarts from the "
+                    "run's seed, so its noise repeats that of the run's first steps",
+                    key,
+                )
                 continue
             generator.set_state(state)
 

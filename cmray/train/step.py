@@ -56,7 +56,7 @@ def _accumulate(
             scaled = loss / len(chunks)
             (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
         losses.append(loss.detach().float())
-    # One device sync per step, not one per microbatch.
+    # One device sync for the losses, not one per microbatch.
     return sum(value / len(chunks) for value in torch.stack(losses).tolist())
 
 
