@@ -41,13 +41,16 @@ from typing import Any
 import torch
 from common import device_name, start, sync
 
-from cmray.config import apply_overrides, from_dict, read_config_file, to_dict
+from cmray.config import apply_overrides, from_dict, read_config_file, to_dict, with_values
 from cmray.nets.unet import UNET_PRESETS
 from cmray.train.config import TrainConfig
-from cmray.train.loop import Trainer, build_net, build_trainer
+from cmray.train.loop import Trainer, build_trainer, save_model_file
 from cmray.train.step import train_step
+from cmray.weights import KNOWN_WEIGHTS
 
 DEFAULT_CONFIG = "configs/lsun_bedroom256_cd_lpips.yaml"
+VGG16_FILE = KNOWN_WEIGHTS["vgg"][0]  # the real file's name, so the real loading path runs
+TEACHER_FILE = "teacher.pt"
 DEFAULT_BATCHES = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 # Dense bf16 peaks (TFLOP/s) from the vendors' data sheets, matched against the device name.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -95,21 +98,10 @@ def write_random_vgg16(path: Path) -> None:
     torch.save(vgg16(weights=None).state_dict(), path)
 
 
-def write_teacher(cfg: TrainConfig, directory: Path) -> None:
-    """A random EDM teacher checkpoint in the format ``load_model`` reads."""
-    from cmray.core.ema import EMABank
-
-    # One EMA copy, not the student's three: at LSUN size each copy is 2.1 GB on disk.
-    loop = dict(to_dict(cfg)["loop"], ema_rates=[0.9999])
-    edm = from_dict(TrainConfig, dict(to_dict(cfg), objective={"kind": "edm"}, loop=loop))
-    net = build_net(edm)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        "config": to_dict(edm),
-        "online": net.state_dict(),
-        "ema": EMABank(net, edm.loop.ema_rates).state_dict(),
-    }
-    torch.save(state, directory / "state.pt")
+def write_teacher(cfg: TrainConfig, path: Path) -> None:
+    """A random EDM teacher of the student's architecture, as a model file ``load_model`` reads."""
+    edm = from_dict(TrainConfig, with_values(to_dict(cfg), {"objective": {"kind": "edm"}}))
+    save_model_file(build_trainer(edm, torch.device("cpu")), path)
 
 
 def make_config(args: argparse.Namespace, work: Path, setting: str) -> TrainConfig:
@@ -118,19 +110,19 @@ def make_config(args: argparse.Namespace, work: Path, setting: str) -> TrainConf
     data = apply_overrides(read_config_file(args.config), args.set)
     if args.preset:
         data["net"] = dict(UNET_PRESETS[args.preset])
-    loop = data.setdefault("loop", {})
+    values: dict[str, Any] = {
+        "data.manifest": "unused://",
+        "run.storage_path": str(work / "runs"),
+        "loop.precision": args.precision or data.get("loop", {}).get("precision", "bf16"),
+    }
     if setting != "shipped":
-        data["net"]["use_checkpoint"] = setting == "on"
-        loop["microbatches"] = 1
-    loop["precision"] = args.precision or loop.get("precision", "bf16")
-    data["data"]["manifest"] = "unused://"
-    data["run"] = dict(data.get("run", {}), storage_path=str(work / "runs"))
-    objective = data.setdefault("objective", {})
+        values |= {"net.use_checkpoint": setting == "on", "loop.microbatches": 1}
+    objective = data.get("objective", {})
     if objective.get("metric") == "lpips":
-        objective["lpips_weights"] = str(work / "vgg16-397923af.pth")
+        values["objective.lpips_weights"] = str(work / VGG16_FILE)
     if objective.get("kind") == "cd":
-        objective.setdefault("cd", {})["teacher"] = str(work / "teacher")
-    return from_dict(TrainConfig, data)
+        values["objective.cd.teacher"] = str(work / TEACHER_FILE)
+    return from_dict(TrainConfig, with_values(data, values))
 
 
 def random_batch(trainer: Trainer, batch: int) -> torch.Tensor:
@@ -277,10 +269,10 @@ def main(argv: list[str] | None = None) -> int:
 def benchmark(args: argparse.Namespace, device: torch.device, work: Path) -> int:
     name = device_name(device)
     args.peak_tflops = args.peak_tflops or peak_tflops(name)
-    write_random_vgg16(work / "vgg16-397923af.pth")
+    write_random_vgg16(work / VGG16_FILE)
     shipped = make_config(args, work, "shipped")
     if shipped.objective.kind == "cd":
-        write_teacher(shipped, work / "teacher")
+        write_teacher(shipped, work / TEACHER_FILE)
     # Counted at batch 1: FLOPs are linear in the batch, and the smallest one surely fits.
     flops = count_flops(build_trainer(make_config(args, work, "off"), device), 1)
     release(device)

@@ -11,6 +11,7 @@ from pathlib import Path
 import cmray
 from cmray.config import add_config_args, config_from_args, dump_yaml, exit_on_config_error
 from cmray.data.config import PrepareConfig
+from cmray.eval.config import MODEL_BATCH
 from cmray.train.config import TrainConfig
 from cmray.train.toy_config import Toy2DConfig
 from cmray.tune.config import TuneConfig
@@ -234,7 +235,7 @@ def _add_model_parsers(sub: argparse._SubParsersAction) -> None:
     sample.add_argument("--taus", type=float, nargs="+", help="multistep taus (Algorithm 1)")
     sample.add_argument("--num", type=_count, default=64)
     sample.add_argument(
-        "--batch", type=_count, default=16, help="images per network call (GPU memory)"
+        "--batch", type=_count, default=MODEL_BATCH, help="images per network call (GPU memory)"
     )
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="cpu", help="cpu or cuda")

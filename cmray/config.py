@@ -680,9 +680,13 @@ def add_config_args(parser: argparse.ArgumentParser, default_config: str | None 
     )
 
 
-def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """Load ``cls`` from parsed :func:`add_config_args` options; honours ``--print-config``."""
-    cfg = load_config(cls, args.config, args.overrides or ())
+def config_from_args(
+    cls: type[T], args: argparse.Namespace, values: Mapping[str, Any] | None = None
+) -> T:
+    """Load ``cls`` from parsed :func:`add_config_args` options, then any dotted-key ``values``
+    (a pipeline's own flags); honours ``--print-config``."""
+    data = apply_overrides(read_config_file(args.config), args.overrides or ())
+    cfg = from_dict(cls, with_values(data, values or {}))
     if args.print_config:
         sys.stdout.write(dump_yaml(cfg))
         sys.stdout.flush()

@@ -15,28 +15,24 @@ from pathlib import Path
 from typing import Any
 
 from cmray.config import ConfigError, load_config
+from cmray.data.config import PrepareConfig
+from cmray.train.config import TrainConfig
+from cmray.tune.config import TuneConfig, plan_search
 
 
 @dataclass(frozen=True)
 class Pipeline:
     script: str
-    config_class: str  # "module:Class", imported only when checking a config
+    config_class: type
 
 
 PIPELINES = {
-    "train": Pipeline("pipelines/train.py", "cmray.train.config:TrainConfig"),
-    "tune": Pipeline("pipelines/tune.py", "cmray.tune.config:TuneConfig"),
-    "prepare-data": Pipeline("pipelines/prepare_data.py", "cmray.data.config:PrepareConfig"),
+    "train": Pipeline("pipelines/train.py", TrainConfig),
+    "tune": Pipeline("pipelines/tune.py", TuneConfig),
+    "prepare-data": Pipeline("pipelines/prepare_data.py", PrepareConfig),
 }
 # Never uploaded, even from a directory git does not know: outputs, environments, caches.
 EXCLUDES = [".venv/", "runs/", ".git/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/"]
-
-
-def _config_class(pipeline: Pipeline) -> type:
-    import importlib
-
-    module, name = pipeline.config_class.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def check_config(kind: str, config: str, overrides: Sequence[str], working_dir: str) -> str:
@@ -50,10 +46,8 @@ def check_config(kind: str, config: str, overrides: Sequence[str], working_dir: 
             f"{root}; put the file inside it",
             key="config",
         )
-    cfg = load_config(_config_class(PIPELINES[kind]), path, overrides)
+    cfg = load_config(PIPELINES[kind].config_class, path, overrides)
     if kind == "tune":
-        from cmray.tune.config import plan_search
-
         cwd = Path.cwd()
         try:  # the base config is named relative to the working directory, as in the job
             os.chdir(root)

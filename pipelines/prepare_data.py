@@ -17,15 +17,7 @@ import argparse
 import sys
 import time
 
-from cmray.config import (
-    add_config_args,
-    apply_overrides,
-    dump_yaml,
-    exit_on_config_error,
-    from_dict,
-    read_config_file,
-    with_values,
-)
+from cmray.config import add_config_args, config_from_args, exit_on_config_error
 from cmray.data.config import PrepareConfig
 from cmray.data.prepare import prepare
 
@@ -56,11 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
     if args.overwrite:
         flags["overwrite"] = True
-    data = apply_overrides(read_config_file(args.config), args.overrides or ())
-    cfg = from_dict(PrepareConfig, with_values(data, flags))
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
-        return 0
+    cfg = config_from_args(PrepareConfig, args, flags)
     start = time.perf_counter()
 
     def log(message: str) -> None:

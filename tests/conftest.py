@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import free_port
 
 
 @pytest.fixture(scope="session")
@@ -94,14 +95,6 @@ def digits_model(digits16: str, tmp_path_factory: pytest.TempPathFactory) -> str
     return str(out / "checkpoints")  # the newest checkpoint is used
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclasses.dataclass
 class MlflowServer:
     uri: str
@@ -124,7 +117,7 @@ def running_mlflow_server(root: Path, artifacts: str, endpoint: str) -> Iterator
     import time
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": endpoint}
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]

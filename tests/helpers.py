@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 from typing import IO
 
 
@@ -22,3 +23,15 @@ class DropAfter(io.RawIOBase):
         data = self.fh.read(self.left if n < 0 else min(n, self.left))
         self.left -= len(data)
         return data
+
+
+def set_args(values: dict[str, object]) -> list[str]:
+    """``--set key=value`` arguments for a pipeline, one pair per item."""
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

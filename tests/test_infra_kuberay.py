@@ -25,6 +25,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from test_infra_launcher import IMAGE, PROJECT_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO / "infra" / "kuberay"
@@ -32,9 +33,8 @@ SCHEMAS = REPO / "tests" / "data" / "kuberay-v1.7.0"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 MANIFESTS = ("namespace.yaml", "raycluster.yaml", "mlflow.yaml")
 MANIFESTS += tuple(f"rayjob-{name}.yaml" for name in ("prepare-data", "train", "tune"))
-IMAGE = "ghcr.io/cmray/cmray:0.1.0-ray2.60.0-cu132"
 NAMESPACE = "cmray"
-WORKDIR = "/home/ray/cmray"  # the repository root inside the image
+WORKDIR = PROJECT_DIR  # the repository root inside the image
 GPU = "nvidia.com/gpu"
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
 # Keys of a Ray runtime_env that the job manifests may use.

@@ -1,4 +1,5 @@
-"""The shipped training configs load, and a bad one stops the pipeline before Ray starts."""
+"""The shipped training configs load, a bad one stops the pipeline before Ray starts, and
+short runs of the pipeline behave on the console."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import set_args
 
 from cmray.config import load_config
 from cmray.train.config import TrainConfig
@@ -73,24 +75,42 @@ def test_a_bad_config_fails_before_ray_starts(digits16: str, override: str, mess
     assert "Ray instance" not in result.stderr + result.stdout
 
 
+def run_digits(
+    digits16: str, out: Path, extra: list[str], timeout: int, **values: object
+) -> subprocess.CompletedProcess[str]:
+    """``pipelines/train.py`` on the digits config, storing under ``out`` (also its cwd)."""
+    sets = {
+        "data.manifest": f"{digits16}/manifest.json",
+        **values,
+        "run.storage_path": str(out),
+        "tracking.enabled": "false",
+    }
+    args = [*TRAIN, "--config", str(ROOT / "configs" / "digits_ct.yaml"), *extra, *set_args(sets)]
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=out
+    )
+
+
 def test_local_training_uses_the_gpu_only_when_one_is_visible(
     digits16: str, tmp_path: Path
 ) -> None:
-    sets = {
-        "data.manifest": f"{digits16}/manifest.json",
-        "loop.steps": 2,
-        "loop.checkpoint_every": 2,
-        "loop.log_every": 1,
-        "run.use_gpu": "true",
-        "run.storage_path": str(tmp_path),
-        "tracking.enabled": "false",
-    }
-    args = ["--config", str(ROOT / "configs" / "digits_ct.yaml"), "--local"]
-    args += [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
-    result = subprocess.run(
-        [sys.executable, *TRAIN, *args], capture_output=True, text=True, timeout=300
-    )
+    sets = {"loop.steps": 2, "loop.checkpoint_every": 2, "loop.log_every": 1, "run.use_gpu": "true"}
+    result = run_digits(digits16, tmp_path, ["--local"], 300, **sets)
     assert result.returncode == 0, result.stderr
     fell_back = "no CUDA device is visible: training on the CPU" in result.stdout
     assert fell_back != torch.cuda.is_available()
     assert (tmp_path / "digits_ct" / "checkpoints" / "step-000000002").is_dir()
+
+
+@pytest.mark.slow
+def test_the_job_log_shows_each_progress_line_once(digits16: str, tmp_path: Path) -> None:
+    sets = {"loop.steps": 6, "loop.log_every": 2, "loop.checkpoint_every": 6}
+    result = run_digits(digits16, tmp_path, [], 600, **sets)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout + result.stderr
+    # Ray Train's print() both logs and echoes; cmray's lines bypass it.
+    assert out.count("[cmray] step 2/6 ") == 1, out[-3000:]
+    # run.log_level (WARNING) hides Ray Train's per-report and worker-group INFO lines.
+    assert "Reporting training result" not in out and "Started training worker group" not in out
+    # Channels-last weights: DDP's gradient buckets match, so no stride warning.
+    assert "Grad strides do not match bucket view strides" not in out

@@ -47,8 +47,8 @@ def toy_tune(**over: object) -> dict:
 # --------------------------------------------------------------------------- config
 
 
-def test_shipped_tune_configs_plan(tmp_path: Path) -> None:
-    os.chdir(ROOT)  # the shipped configs name their base relative to the repository
+def test_shipped_tune_configs_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # the shipped configs name their base relative to the repository
     plans = {}
     for path in sorted((ROOT / "configs").glob("tune_*.yaml")):
         cfg = load_config(TuneConfig, path)

@@ -12,6 +12,10 @@ from cmray.config import ConfigError, param
 FRECHET_NAMES = {"inception": "fid", "digits": "fd_digits"}
 
 
+# Images per network call when sampling: a 256x256 ADM forward holds about 0.6 GiB per image.
+MODEL_BATCH = 16
+
+
 @dataclass
 class SamplingConfig:
     """Which samplers are scored: one step, and multistep (Algorithm 1) on a Karras grid."""
@@ -62,7 +66,9 @@ class QualityConfig:
     num_samples: int = param(1000, help="one-step samples per measurement", ge=2)
     batch_size: int = param(250, help="samples generated and featurized at once", ge=1)
     model_batch: int = param(
-        16, help="images per network call when sampling (GPU memory; samples do not change)", ge=1
+        MODEL_BATCH,
+        help="images per network call when sampling (GPU memory; samples do not change)",
+        ge=1,
     )
     seed: int = param(0, help="noise seed; the same noise at every measurement")
 
@@ -93,7 +99,9 @@ class EvalConfig:
     pr_k: int = param(3, help="k of the k-NN manifolds", ge=1)
     batch_size: int = param(250, help="images per task (generation and featurization)", ge=1)
     model_batch: int = param(
-        16, help="images per network call when sampling (GPU memory; samples do not change)", ge=1
+        MODEL_BATCH,
+        help="images per network call when sampling (GPU memory; samples do not change)",
+        ge=1,
     )
     sampling: SamplingConfig = param(
         default_factory=SamplingConfig, help="one-step and multistep sampling"

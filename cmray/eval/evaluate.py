@@ -70,11 +70,12 @@ def reference_stats(
     return stats
 
 
-def compute_ref_stats(cfg: EvalConfig, log: Log = print) -> RefStats:
-    """``cmray eval ref-stats``: (re)compute and save a dataset's reference statistics."""
+def compute_ref_stats(cfg: EvalConfig, log: Log = print, recompute: bool = True) -> RefStats:
+    """``cmray eval ref-stats``: (re)compute and save a dataset's reference statistics; with
+    ``recompute=False``, saved ones that still fit are loaded instead."""
     manifest = read_manifest(cfg.manifest)
     with Runner(cfg, with_model=False) as runner:
-        return reference_stats(runner, cfg, manifest, log, recompute=True)
+        return reference_stats(runner, cfg, manifest, log, recompute=recompute)
 
 
 @dataclass

@@ -14,9 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmray.data.manifest import read_manifest
 from cmray.eval.config import EvalConfig, QualityConfig
-from cmray.eval.evaluate import chunks, reference_stats
+from cmray.eval.evaluate import chunks, compute_ref_stats
 from cmray.eval.featurizer import Featurizer, SampleTask
 from cmray.eval.frechet import RunningGaussian, frechet_distance
 from cmray.eval.reference import RefStats, load_ref_stats, ref_stats_url
@@ -41,11 +40,7 @@ def ensure_ref_stats(
 ) -> RefStats:
     """The dataset's reference statistics for ``cfg.features``: loaded when they fit, else
     computed (on Ray actors unless ``workers`` is -1) and saved beside the manifest."""
-    from cmray.eval.runner import Runner
-
-    ecfg = _eval_config(cfg, manifest, workers, use_gpu=False)
-    with Runner(ecfg, with_model=False) as runner:
-        return reference_stats(runner, ecfg, read_manifest(manifest), log)
+    return compute_ref_stats(_eval_config(cfg, manifest, workers, use_gpu=False), log, False)
 
 
 class QualityProbe:

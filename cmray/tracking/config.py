@@ -9,7 +9,6 @@ from cmray.config import param
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow/mlflow.db"
 DEFAULT_ARTIFACTS = "runs/mlflow/artifacts"
 MODEL_URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
-PARENT_RUN_ENV = "CMRAY_PARENT_RUN_ID"  # set by a search so each trial's run is its child
 
 
 def is_mlflow_uri(source: str) -> bool:

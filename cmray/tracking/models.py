@@ -15,7 +15,6 @@ import mlflow
 import numpy as np
 
 MODEL_ARTIFACT = "model"  # the name= of the logged model and the key of its artifact
-SAMPLE_BATCH = 16  # images per network call: a 256x256 request of 64 would hold ~40 GiB at once
 
 
 class ConsistencyPyfunc(mlflow.pyfunc.PythonModel):
@@ -30,10 +29,11 @@ class ConsistencyPyfunc(mlflow.pyfunc.PythonModel):
         import torch
 
         from cmray.core.sampling import in_batches, sample_onestep
+        from cmray.eval.config import MODEL_BATCH
 
         z = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         sigma_max = self.cfg.objective.noise.sigma_max
-        f = in_batches(self.model, SAMPLE_BATCH)
+        f = in_batches(self.model, MODEL_BATCH)
         return sample_onestep(f, z, sigma_max, clip=(-1.0, 1.0)).x.numpy()
 
 

@@ -62,7 +62,8 @@ class Tracker:
     """One MLflow run, created or resumed (by ``run_key``) on first use.
 
     ``run_key`` identifies a training run across restarts (its storage path and name), so a
-    resumed job continues its MLflow run instead of starting another.
+    resumed job continues its MLflow run instead of starting another. It nests under
+    ``cfg.parent_run`` when that is set (a search's trials).
     """
 
     def __init__(
@@ -71,11 +72,10 @@ class Tracker:
         run_name: str,
         run_key: str,
         params: dict[str, Any] | None = None,
-        parent_run_id: str | None = None,
     ) -> None:
         self.cfg, self.run_name, self.run_key = cfg, run_name, run_key
         self.uri = resolve_tracking_uri(cfg.tracking_uri)
-        self.parent_run_id = parent_run_id
+        self.parent_run_id = cfg.parent_run or None
         self.run_id: str | None = None
         self.failures = 0
         self._warned = False

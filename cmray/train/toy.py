@@ -36,8 +36,9 @@ def minibatches(
             step += 1
 
 
-def total_steps(data: torch.Tensor, optim: OptimConfig) -> int:
-    return optim.epochs * (data.shape[0] // optim.batch_size)
+def total_steps(n: int, optim: OptimConfig) -> int:
+    """Steps of ``optim.epochs`` epochs over ``n`` points (the last partial batch dropped)."""
+    return optim.epochs * (n // optim.batch_size)
 
 
 def fit(
@@ -52,7 +53,7 @@ def fit(
 ) -> None:
     """Adam on ``loss_fn(step, batch)`` over the epochs, reporting about 10 times per stage."""
     opt = torch.optim.Adam(module.parameters(), lr=optim.lr)
-    steps = total_steps(data, optim)
+    steps = total_steps(data.shape[0], optim)
     every = max(steps // 10, 1)
     for step, x0 in minibatches(data, optim, generator):
         loss = loss_fn(step, x0)
@@ -210,7 +211,7 @@ def train_ct(
     ct = cfg.ct
     online = make_consistency_net(ct.parametrization, ct.net, cfg)
     target = ema.frozen_copy(online)
-    K = total_steps(data, ct.optim)
+    K = total_steps(data.shape[0], ct.optim)
     loss_fn = ct_loss_fn(cfg, online, target, K, generator)
 
     def update_target(step: int) -> None:
@@ -239,7 +240,7 @@ class Student:
         settings = cfg.cd if method == "cd" else cfg.ct
         self.cfg, self.method, self.data, self.step = cfg, method, data, 0
         self.batch_size = settings.optim.batch_size
-        self.K = total_steps(data, settings.optim)
+        self.K = total_steps(data.shape[0], settings.optim)
         torch.manual_seed(cfg.seed)
         self.online = make_consistency_net(settings.parametrization, settings.net, cfg)
         self.target = ema.frozen_copy(self.online)

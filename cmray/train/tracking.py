@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
 from cmray.config import flatten, to_dict
 from cmray.tracking import Tracker
-from cmray.tracking.config import PARENT_RUN_ENV
 from cmray.train.config import TrainConfig
 from cmray.train.loop import Trainer, save_model_file
 
@@ -17,8 +15,7 @@ def start_tracking(cfg: TrainConfig, run_key: str) -> Tracker | None:
     """Rank 0's run (resumed when ``run_key`` already has one), with the config recorded."""
     if not cfg.tracking.enabled:
         return None
-    parent = cfg.tracking.parent_run or os.environ.get(PARENT_RUN_ENV) or None
-    tracker = Tracker(cfg.tracking, cfg.run.name, run_key, flatten(cfg), parent)
+    tracker = Tracker(cfg.tracking, cfg.run.name, run_key, flatten(cfg))
     tracker.log_dict(to_dict(cfg), "config.yaml")
     return tracker
 

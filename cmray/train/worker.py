@@ -22,6 +22,7 @@ import torch
 
 from cmray.config import from_dict, to_dict
 from cmray.data.stream import ShardStream
+from cmray.eval.config import FRECHET_NAMES
 from cmray.eval.images import grid_array, save_grid
 from cmray.storage import absolute, url_to_fs
 from cmray.tracking import resolve_tracking_uri
@@ -76,7 +77,7 @@ def say(line: str) -> None:
 
 def progress_line(metrics: dict[str, float], steps: int, saved: bool) -> str:
     """One short line per report for people watching the job's log."""
-    keys = ("loss", "N", "mu", "images_per_s", "fid", "fd_digits", "skipped_steps")
+    keys = ("loss", "N", "mu", "images_per_s", *FRECHET_NAMES.values(), "skipped_steps")
     keys += ("data_decode_errors",)
     shown = " ".join(f"{k} {metrics[k]:.4g}" for k in keys if k in metrics)
     return f"[cmray] step {int(metrics['step'])}/{steps} {shown}" + (
@@ -145,12 +146,11 @@ def ray_storage(path: str) -> tuple[str, Any]:
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """A copy whose local paths are absolute: Ray workers do not share the driver's cwd."""
     cfg = copy.deepcopy(cfg)
-    fix = absolute
-    cfg.data.manifest = fix(cfg.data.manifest)
-    cfg.objective.cd.teacher = fix(cfg.objective.cd.teacher)
-    cfg.objective.lpips_weights = fix(cfg.objective.lpips_weights)
-    cfg.run.storage_path = fix(cfg.run.storage_path)
-    cfg.quality.weights = fix(cfg.quality.weights)
+    cfg.data.manifest = absolute(cfg.data.manifest)
+    cfg.objective.cd.teacher = absolute(cfg.objective.cd.teacher)
+    cfg.objective.lpips_weights = absolute(cfg.objective.lpips_weights)
+    cfg.run.storage_path = absolute(cfg.run.storage_path)
+    cfg.quality.weights = absolute(cfg.quality.weights)
     if cfg.tracking.enabled:  # the driver's MLFLOW_TRACKING_URI or local store, for every worker
         cfg.tracking.tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     return cfg
@@ -298,7 +298,7 @@ def toy_worker(config: dict[str, Any]) -> None:
     tracker = None
     if tracking.enabled:
         params = {**flatten(toy), "method": trial.method}
-        tracker = Tracker(tracking, config["name"], config["run_key"], params, tracking.parent_run)
+        tracker = Tracker(tracking, config["name"], config["run_key"], params)
     while student.step < student.K:
         loss = student.train_step()
         if student.step % trial.quality_every and student.step < student.K:

@@ -16,6 +16,7 @@ from cmray.config import ConfigError, from_dict, load_config, param, to_dict, wi
 from cmray.eval.config import FRECHET_NAMES
 from cmray.eval.toy import TOY_METRIC
 from cmray.tracking.config import TrackingConfig
+from cmray.train.toy import total_steps
 from cmray.train.toy_config import ToyTrialConfig
 
 
@@ -176,11 +177,6 @@ def _check_space(cfg: TuneConfig, base: dict[str, Any]) -> None:
                 raise ConfigError(message, key=entry.key) from None
 
 
-def _toy_steps(toy: Any, method: str) -> int:
-    optim = (toy.cd if method == "cd" else toy.ct).optim
-    return optim.epochs * (toy.ring.train_points // optim.batch_size)
-
-
 def plan_search(cfg: TuneConfig) -> SearchPlan:
     """Load and check the base config and the space; name the metric and the trial's size."""
     if not Path(cfg.base).is_file():
@@ -189,7 +185,8 @@ def plan_search(cfg: TuneConfig) -> SearchPlan:
     base = to_dict(base_cfg)
     _check_space(cfg, base)
     if cfg.experiment == "toy2d":
-        steps = _toy_steps(base_cfg, cfg.toy.method)
+        optim = (base_cfg.cd if cfg.toy.method == "cd" else base_cfg.ct).optim
+        steps = total_steps(base_cfg.ring.train_points, optim)
         return SearchPlan(cfg, base, TOY_METRIC, steps, cfg.toy.cpus, 0.0)
     if not base_cfg.quality.every:
         raise ConfigError(
