@@ -7,10 +7,9 @@ the config file and the code the job runs are the ones checked here.
 
 from __future__ import annotations
 
-import os
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +46,8 @@ def check_config(kind: str, config: str, overrides: Sequence[str], working_dir: 
             key="config",
         )
     cfg = load_config(PIPELINES[kind].config_class, path, overrides)
-    if kind == "tune":
-        cwd = Path.cwd()
-        try:  # the base config is named relative to the working directory, as in the job
-            os.chdir(root)
-            plan_search(cfg)
-        finally:
-            os.chdir(cwd)
+    if kind == "tune":  # its base config is named relative to the working directory, as in the job
+        plan_search(replace(cfg, base=str(root / cfg.base)))
     return path.relative_to(root).as_posix()
 
 

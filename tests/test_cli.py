@@ -26,3 +26,15 @@ def test_version(capsys):
         cli.main(["--version"])
     assert exc.value.code == 0
     assert "cmray 0.1.0" in capsys.readouterr().out
+
+
+def test_a_search_is_checked_against_the_working_dir_from_anywhere(tmp_path, monkeypatch):
+    from cmray.config import ConfigError
+    from cmray.jobs import check_config
+
+    monkeypatch.chdir(tmp_path)  # the base config is named relative to the working dir
+    config = str(ROOT / "configs" / "tune_toy2d.yaml")
+    assert check_config("tune", config, [], str(ROOT)) == "configs/tune_toy2d.yaml"
+    with pytest.raises(ConfigError, match=r"configs/nope\.yaml"):
+        check_config("tune", config, ["base=configs/nope.yaml"], str(ROOT))
+    assert Path.cwd() == tmp_path

@@ -221,6 +221,21 @@ def test_sub_batched_sampling_gives_the_same_features(digits16: str, digits_mode
     assert torch.equal(split["images"], whole["images"])
 
 
+def test_features_are_computed_without_tf32(digits16: str, digits_model: str) -> None:
+    """Reference statistics are made on CPUs, so GPU features must not use TF32 convolutions;
+    the training run's own setting is restored after."""
+    featurizer = Featurizer(eval_config(digits16, digits_model, Path("unused")), False)
+    seen: list[bool] = []
+    featurizer.net.register_forward_hook(lambda *_: seen.append(torch.backends.cudnn.allow_tf32))
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        featurizer.featurize([torch.zeros(2, 1, 16, 16, dtype=torch.uint8)] * 2)
+        assert seen == [False, False] and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 def test_cli_rejects_bad_input_with_one_line(
     digits16: str, digits_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

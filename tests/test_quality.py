@@ -28,6 +28,21 @@ def test_a_probe_needs_reference_statistics(digits16: str, tmp_path: Path) -> No
         QualityProbe(QualityConfig(features="digits"), data, torch.device("cpu"))
 
 
+def test_a_probe_leaves_the_runs_threads_alone(digits16: str, tmp_path: Path) -> None:
+    """The probe lives inside a training process: torch's thread count is the run's."""
+    from cmray.eval.quality import QualityProbe, ensure_ref_stats
+
+    data, cfg = _digits_copy(digits16, tmp_path), QualityConfig(features="digits")
+    ensure_ref_stats(cfg, data, workers=-1, log=lambda _: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 2)  # not the featurizer's cpus_per_worker (1)
+    try:
+        QualityProbe(cfg, data, torch.device("cpu"))
+        assert torch.get_num_threads() == threads + 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 def test_training_reports_the_figure_at_quality_every(digits16: str, tmp_path: Path) -> None:
     from test_train import tiny_config

@@ -13,7 +13,7 @@ import torch
 from cmray.config import from_dict
 from cmray.train import state as ckpt
 from cmray.train.config import TrainConfig
-from cmray.train.loop import build_trainer, run_local, sample_grid
+from cmray.train.loop import build_trainer, load_model, run_local, sample_grid
 from cmray.train.step import NonFiniteLossError, train_step
 
 
@@ -66,6 +66,27 @@ def losses_of(cfg: TrainConfig, out: Path, crash_at: int | None = None) -> dict[
     with contextlib.suppress(CrashError):
         run_local(cfg, out, log=lambda _: None, on_metrics=record)
     return seen
+
+
+@pytest.mark.parametrize("rates", [[0.9, 0.99], []])
+def test_a_checkpoint_loads_its_first_ema_copy_or_else_the_online_net(
+    digits16: str, tmp_path: Path, rates: list[float]
+) -> None:
+    cfg = tiny_config(digits16, ema_rates=rates)
+    state = build_trainer(cfg, torch.device("cpu")).state
+    with torch.no_grad():  # every net different, so a mix-up shows
+        for i, net in enumerate([state.online, state.target, *state.ema.copies]):
+            for p in net.parameters():
+                p.fill_(i)
+    ckpt.save_checkpoint(state, tmp_path / "ckpt", rank=0, world_size=1)
+    model, loaded_cfg = load_model(str(tmp_path / "ckpt"))
+    expected = state.ema.copies[0] if rates else state.online
+    assert loaded_cfg.loop.ema_rates == rates
+    for (name, got), want in zip(
+        model.state_dict().items(), expected.state_dict().values(), strict=True
+    ):
+        assert torch.equal(got, want), name
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
 
 
 def test_resume_equals_uninterrupted_bit_for_bit(digits16: str, tmp_path: Path) -> None:

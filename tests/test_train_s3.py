@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from cmray.storage import url_to_fs
+from cmray.train.loop import load_model
 from cmray.train.worker import launch
 
 pytestmark = pytest.mark.slow
 
 
 def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_them(
-    ray_cluster: None, s3_bucket: str, digits16: str
+    ray_cluster: None, s3_bucket: str, digits16: str, tmp_path: Path
 ) -> None:
     from test_train import tiny_config
 
@@ -29,6 +33,13 @@ def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_them(
     assert checkpoints, fs.ls(root, detail=False)
     files = {p.rsplit("/", 1)[-1] for p in fs.ls(sorted(checkpoints)[-1], detail=False)}
     assert {"state.pt", "complete-rank0.json", "complete-rank1.json"} <= files
+
+    # A model read straight from S3 equals the one from a local copy (which is memory-mapped).
+    fs.get(sorted(checkpoints)[-1], str(tmp_path / "copy"), recursive=True)
+    remote, _ = load_model(f"s3://{sorted(checkpoints)[-1]}")
+    local, _ = load_model(str(tmp_path / "copy"))
+    for (name, a), b in zip(remote.state_dict().items(), local.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
     cfg.loop.steps = 6
     again = launch(cfg)

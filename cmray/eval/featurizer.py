@@ -8,7 +8,8 @@ answer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,15 +58,32 @@ def chunk_noise(
     return z, steps
 
 
-class Featurizer:
-    """A feature network, and the model when samples are wanted, on this worker's device."""
+@contextmanager
+def ieee_convolutions() -> Iterator[None]:
+    """Convolutions in full float32, not cuDNN's default TF32: reference statistics are often
+    made on CPU actors, and TF32 would move GPU features off them by about 1e-3."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
 
-    def __init__(self, cfg: EvalConfig, with_model: bool) -> None:
+
+class Featurizer:
+    """A feature network, and the model when samples are wanted, on this worker's device.
+
+    ``threads`` sets torch's CPU threads, for a process the featurizer owns (a Ray actor). It
+    stays None in a process that also does other work, such as a training run's quality probe,
+    whose threads are the run's to choose.
+    """
+
+    def __init__(self, cfg: EvalConfig, with_model: bool, threads: int | None = None) -> None:
         self.cfg = cfg
         cuda = cfg.use_gpu and torch.cuda.is_available()
         self.device = torch.device("cuda" if cuda else "cpu")
-        if not cuda:
-            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        if threads is not None and not cuda:
+            torch.set_num_threads(threads)
         self.net = load_feature_net(cfg.features, cfg.weights).to(self.device)
         self.model, self.train_cfg = None, None
         if with_model:
@@ -97,7 +115,8 @@ class Featurizer:
         """Pool features and logits of uint8 batches, on the CPU in float32."""
         pools, logits = [], []
         for images in batches:
-            pool, logit = self.net(images.to(self.device))
+            with ieee_convolutions():
+                pool, logit = self.net(images.to(self.device))
             pools.append(pool.float().cpu())
             logits.append(logit.float().cpu())
         if not pools:

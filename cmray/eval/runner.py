@@ -48,8 +48,11 @@ class Runner:
         self._identity: dict[str, str] | None = None
 
     def __enter__(self) -> Runner:
+        # Every featurizer runs on the same thread count, in-process or not, so that figures
+        # do not depend on where they were computed.
+        threads = max(1, int(self.cfg.cpus_per_worker))
         if self.cfg.workers == -1:
-            self.local = Featurizer(self.cfg, self.with_model)
+            self.local = Featurizer(self.cfg, self.with_model, threads)
             return self
         import ray
 
@@ -62,7 +65,7 @@ class Runner:
             max_restarts=2,
             max_task_retries=2,
         )(Featurizer)
-        self.actors = [actor.remote(self.cfg, self.with_model) for _ in range(count)]
+        self.actors = [actor.remote(self.cfg, self.with_model, threads) for _ in range(count)]
         return self
 
     def __exit__(self, *exc: object) -> None:
