@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/fid_features.py
 	$(BIN)/python benchmarks/unet_sampling.py
 	$(BIN)/python benchmarks/teacher_load.py
+	$(BIN)/python benchmarks/activation_memory.py
 
 # On a CUDA machine: the LSUN-256 CD-LPIPS and CT-LPIPS training steps (largest batch with and
 # without activation checkpointing, MFU, GPU-hours), FID features/s and U-Net sampling.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -14,12 +15,18 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def gpu_cd_step():
+def import_benchmark():
+    """``importlib.import_module`` with the benchmarks' directory on the path, as when run."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        yield importlib.import_module("gpu_cd_step")
+        yield importlib.import_module
     finally:
         sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def gpu_cd_step(import_benchmark):
+    return import_benchmark("gpu_cd_step")
 
 
 def test_peak_tflops_matches_device_names(gpu_cd_step):
@@ -51,3 +58,32 @@ def test_cd_lpips_step_runs_the_shipped_setting_and_both_sweeps(gpu_cd_step, tmp
     shipped = rows[0]["img_per_s"]
     assert result["shipped"]["gpu_hours"] == pytest.approx(600_000 * 2 * 8 / shipped / 3600)
     assert "largest batch in one pass, checkpointing on: 1" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def activation_memory(import_benchmark):
+    return import_benchmark("activation_memory")
+
+
+CT_L2 = ["--config", "configs/lsun_bedroom256_ct_lpips.yaml", "--set", "objective.metric=l2"]
+
+
+def test_fake_tensors_count_what_real_tensors_save(activation_memory, tmp_path):
+    import torch
+
+    from cmray.train.loop import build_trainer
+
+    step = activation_memory.step_args([*CT_L2, "--preset", "tiny", "--device", "cpu"])
+    cfg = activation_memory.make_config(step, tmp_path, "off")
+    trainer = build_trainer(cfg, torch.device("cpu"))
+    fake = activation_memory.saved_bytes(trainer, 2)
+    assert fake == activation_memory.saved_bytes(trainer, 2, fake=False)
+    assert fake["bfloat16"] > 0  # the step's autocast, as shipped
+
+
+def test_activation_memory_reports_the_largest_pass(activation_memory, capsys):
+    assert activation_memory.main([*CT_L2, "--preset", "tiny"]) == 0
+    out = capsys.readouterr().out
+    per_image = float(re.search(r"per image: ([0-9.]+) GiB", out).group(1))
+    largest = int(re.search(r"largest pass on 80 GiB .*: (\d+)", out).group(1))
+    assert per_image > 0 and largest > 1000  # a 1.4M-parameter net at 32x32
