@@ -53,7 +53,7 @@ class EMABank(nn.Module):
 
     @staticmethod
     def copy_state(bank_state: dict[str, torch.Tensor], index: int = 0) -> dict[str, torch.Tensor]:
-        """Copy ``index``'s weights from a bank's state dict, for loading into a bare network
-        without building the bank (and so another copy of every weight)."""
+        """The weights of copy ``index`` in a bank's state dict, to load into a bare network
+        without building the bank (another copy of every weight)."""
         prefix = f"copies.{index}."
         return {k.removeprefix(prefix): v for k, v in bank_state.items() if k.startswith(prefix)}

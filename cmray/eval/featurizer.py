@@ -60,8 +60,8 @@ def chunk_noise(
 
 @contextmanager
 def ieee_convolutions() -> Iterator[None]:
-    """Convolutions in full float32, not cuDNN's default TF32: reference statistics are often
-    made on CPU actors, and TF32 would move GPU features off them by about 1e-3."""
+    """Convolutions in full float32, not cuDNN's default TF32, which rounds their inputs to
+    10 mantissa bits (about 1e-3): reference statistics are often made on CPU actors."""
     before = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
