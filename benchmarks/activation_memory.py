@@ -7,10 +7,11 @@ The loss of the shipped config's real step (``objective.loss``, under the step's
 on fake tensors (``torch._subclasses.FakeTensorMode``): every operator computes shapes and
 dtypes only, so a 526M-parameter pass takes seconds on a CPU. A saved-tensors hook records each
 storage autograd keeps for backward. Counted once each, those are the activations a pass holds
-when its backward starts, which is when the step's memory peaks. The trained weights are left
-out (they are counted with the fixed memory below); their autocast copies (bf16 weights kept
-for the backward of every layer) are counted. A test checks that fake tensors count what real
-ones save.
+when its backward starts, which is when the step's memory peaks. The networks' weights are
+left out (they are counted with the fixed memory below); their autocast copies (bf16 weights
+kept for the backward of every layer) are counted. A test checks that fake tensors count what
+real ones save. Autocast follows its CPU rules here; for these operators (convolution, linear
+and attention in bf16, the rest as given) CUDA's rules agree.
 
 Two passes (``--batches``, default 1 and 2) split the saved bytes into a part that does not
 grow with the batch (the autocast weight copies) and a part per image. The step's fixed memory
@@ -78,11 +79,13 @@ def saved_bytes(trainer: Trainer, batch: int, fake: bool = True) -> dict[str, in
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     with mode:
         saved: dict[int, tuple[int, str]] = {}
+        kept: list[torch.Tensor] = []  # alive to the end, so no storage's address is reused
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            if not (t.is_leaf and t.requires_grad):  # a trained weight: held anyway
+            if not isinstance(t, torch.nn.Parameter):  # weights are counted in weights_bytes
                 storage = t.untyped_storage()
                 saved[storage._cdata] = (storage.nbytes(), str(t.dtype).removeprefix("torch."))
+                kept.append(t)
             return t
 
         res = trainer.cfg.net.resolution

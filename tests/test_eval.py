@@ -221,19 +221,28 @@ def test_sub_batched_sampling_gives_the_same_features(digits16: str, digits_mode
     assert torch.equal(split["images"], whole["images"])
 
 
-def test_features_are_computed_without_tf32(digits16: str, digits_model: str) -> None:
-    """Reference statistics are made on CPUs, so GPU features must not use TF32 convolutions;
-    the training run's own setting is restored after."""
+@pytest.mark.parametrize("setting", ["conv", "global", "legacy"])
+def test_features_are_computed_without_tf32(digits16: str, digits_model: str, setting: str) -> None:
+    """Reference statistics are made on CPUs, so GPU features must not use TF32 convolutions,
+    however TF32 was turned on (torch's per-operator setting, its global one, or the legacy
+    flag); the run's own setting is restored after."""
     featurizer = Featurizer(eval_config(digits16, digits_model, Path("unused")), False)
-    seen: list[bool] = []
-    featurizer.net.register_forward_hook(lambda *_: seen.append(torch.backends.cudnn.allow_tf32))
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = True
+    backends, seen = torch.backends, []
+    conv = backends.cudnn.conv
+    featurizer.net.register_forward_hook(lambda *_: seen.append(conv.fp32_precision))
+    before = (backends.fp32_precision, conv.fp32_precision)
+    if setting == "conv":
+        conv.fp32_precision = "tf32"
+    elif setting == "global":  # the operator inherits it
+        conv.fp32_precision, backends.fp32_precision = "none", "tf32"
+    else:
+        backends.cudnn.allow_tf32 = True
+    on = conv.fp32_precision
     try:
         featurizer.featurize([torch.zeros(2, 1, 16, 16, dtype=torch.uint8)] * 2)
-        assert seen == [False, False] and torch.backends.cudnn.allow_tf32
+        assert seen == ["ieee", "ieee"] and conv.fp32_precision == on
     finally:
-        torch.backends.cudnn.allow_tf32 = before
+        backends.fp32_precision, conv.fp32_precision = before
 
 
 def test_cli_rejects_bad_input_with_one_line(

@@ -29,14 +29,18 @@ def test_a_probe_needs_reference_statistics(digits16: str, tmp_path: Path) -> No
 
 
 def test_a_probe_leaves_the_runs_threads_alone(digits16: str, tmp_path: Path) -> None:
-    """The probe lives inside a training process: torch's thread count is the run's."""
+    """The statistics and the probe are made inside a training process (``run_local``):
+    torch's thread count is the run's, before and after."""
     from cmray.eval.quality import QualityProbe, ensure_ref_stats
 
     data, cfg = _digits_copy(digits16, tmp_path), QualityConfig(features="digits")
-    ensure_ref_stats(cfg, data, workers=-1, log=lambda _: None)
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 2)  # not the featurizer's cpus_per_worker (1)
     try:
+        ensure_ref_stats(cfg, data, workers=-1, log=lambda _: None)  # computed
+        assert torch.get_num_threads() == threads + 2
+        ensure_ref_stats(cfg, data, workers=-1, log=lambda _: None)  # loaded
+        assert torch.get_num_threads() == threads + 2
         QualityProbe(cfg, data, torch.device("cpu"))
         assert torch.get_num_threads() == threads + 2
     finally:

@@ -13,7 +13,7 @@ import torch
 from cmray.config import from_dict
 from cmray.train import state as ckpt
 from cmray.train.config import TrainConfig
-from cmray.train.loop import build_trainer, load_model, run_local, sample_grid
+from cmray.train.loop import build_trainer, load_model, run_local, sample_grid, save_model_file
 from cmray.train.step import NonFiniteLossError, train_step
 
 
@@ -87,6 +87,18 @@ def test_a_checkpoint_loads_its_first_ema_copy_or_else_the_online_net(
     ):
         assert torch.equal(got, want), name
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_a_file_that_cannot_be_mapped_is_read_whole(digits16: str, tmp_path: Path) -> None:
+    """torch's pre-1.6 file format cannot be memory-mapped (nor can files on some mounts)."""
+    trainer = build_trainer(tiny_config(digits16), torch.device("cpu"))
+    data = torch.load(save_model_file(trainer, tmp_path / "model.pt"), weights_only=True)
+    torch.save(data, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(RuntimeError):
+        torch.load(tmp_path / "legacy.pt", weights_only=True, mmap=True)
+    model, _ = load_model(str(tmp_path / "legacy.pt"))
+    for (name, got), want in zip(model.state_dict().items(), data["weights"].values(), strict=True):
+        assert torch.equal(got, want), name
 
 
 def test_resume_equals_uninterrupted_bit_for_bit(digits16: str, tmp_path: Path) -> None:

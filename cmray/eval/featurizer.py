@@ -61,13 +61,22 @@ def chunk_noise(
 @contextmanager
 def ieee_convolutions() -> Iterator[None]:
     """Convolutions in full float32, not cuDNN's default TF32, which rounds their inputs to
-    10 mantissa bits (about 1e-3): reference statistics are often made on CPU actors."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    10 mantissa bits (about 1e-3): reference statistics are often made on CPU actors.
+
+    Through torch's per-operator ``fp32_precision`` where it has one (2.9 on): its legacy
+    ``allow_tf32`` can raise once the new settings are in use, and is overridden by them.
+    """
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        owner, name, ieee = conv, "fp32_precision", "ieee"
+    else:
+        owner, name, ieee = torch.backends.cudnn, "allow_tf32", False
+    before = getattr(owner, name)
+    setattr(owner, name, ieee)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = before
+        setattr(owner, name, before)
 
 
 class Featurizer:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
+
 from cmray.eval.config import EvalConfig
 from cmray.eval.featurizer import Featurizer, SampleTask, ShardTask
 from cmray.progress import Progress
@@ -46,12 +48,16 @@ class Runner:
         self.local: Featurizer | None = None
         self.actors: list[Any] = []
         self._identity: dict[str, str] | None = None
+        self._threads = 0
 
     def __enter__(self) -> Runner:
         # Every featurizer runs on the same thread count, in-process or not, so that figures
         # do not depend on where they were computed.
         threads = max(1, int(self.cfg.cpus_per_worker))
         if self.cfg.workers == -1:
+            # In-process, e.g. a local training run making its reference statistics: the
+            # process's own thread count comes back on exit.
+            self._threads = torch.get_num_threads()
             self.local = Featurizer(self.cfg, self.with_model, threads)
             return self
         import ray
@@ -69,6 +75,9 @@ class Runner:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.local is not None:
+            torch.set_num_threads(self._threads)
+            self.local = None
         if self.actors:
             import ray
 

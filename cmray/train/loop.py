@@ -108,7 +108,10 @@ def read_checkpoint_file(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, 
     used are read: an EDM teacher's checkpoint holds the online and EMA nets and the
     optimizer's two moments, about 8 GB at 256x256, of which sampling needs one EMA copy."""
     if is_local(fs):
-        return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        try:
+            return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        except (OSError, RuntimeError):  # a mount that cannot map files (some FUSE): read it
+            pass
     with fs.open(path, "rb") as fh:
         return torch.load(fh, weights_only=True, map_location="cpu")
 
