@@ -26,8 +26,10 @@ demo: $(STAMP)
 demo-toy2d: $(STAMP)
 	$(BIN)/python pipelines/toy2d.py --out $(OUT)
 
+# -X faulthandler keeps tracebacks on a crash through interpreter exit too (pytest's own
+# handler stops at the end of the session), so a crash in a library's teardown names its thread.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -X faulthandler -m pytest
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
