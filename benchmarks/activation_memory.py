@@ -53,7 +53,7 @@ from gpu_cd_step import parse_args as step_args
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from cmray.train.loop import Trainer, build_trainer
-from cmray.train.step import _autocast
+from cmray.train.step import autocast
 
 ESTIMATED_GIB_AT_32 = 115.0  # the estimate the shipped configs' comments cite
 GIB = 2**30
@@ -91,7 +91,7 @@ def saved_bytes(trainer: Trainer, batch: int, fake: bool = True) -> dict[str, in
         res = trainer.cfg.net.resolution
         x0 = torch.rand(batch, 3, res, res).contiguous(memory_format=torch.channels_last)
         state, hooks = trainer.state, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        with hooks, _autocast(trainer.cfg.loop.precision, trainer.device):
+        with hooks, autocast(trainer.cfg.loop.precision, trainer.device):
             trainer.objective.loss(state.online, state.target, x0, state.step, trainer.gen)
     by_dtype: dict[str, int] = {}
     for nbytes, dtype in saved.values():

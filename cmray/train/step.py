@@ -30,7 +30,8 @@ class StepResult:
     finite: bool
 
 
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The step's mixed precision: autocast to ``loop.precision``'s dtype, or nothing (fp32)."""
     if precision not in AUTOCAST:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AUTOCAST[precision])
@@ -51,7 +52,7 @@ def _accumulate(
     losses = []
     for i, chunk in enumerate(chunks):
         with _no_sync(state.online, i == len(chunks) - 1):
-            with _autocast(loop.precision, x0.device):
+            with autocast(loop.precision, x0.device):
                 loss = objective.loss(state.online, state.target, chunk, state.step, gen).mean()
             scaled = loss / len(chunks)
             (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()

@@ -35,6 +35,7 @@ from cmray.train.loop import (
     build_trainer,
     checkpoint_state,
     quality_hook,
+    read_checkpoint_file,
     run_loop,
 )
 from cmray.train.tracking import finish_tracking, start_tracking
@@ -260,9 +261,7 @@ STUDENT_FILE = "student.pt"
 def _toy_teacher(toy: Any, path: str) -> torch.nn.Module:
     from cmray.train.toy import make_teacher
 
-    fs, local = url_to_fs(path)
-    with fs.open(local, "rb") as fh:
-        state = torch.load(fh, weights_only=True)
+    state = read_checkpoint_file(*url_to_fs(path))
     teacher = make_teacher(toy)
     teacher.load_state_dict(state)
     return teacher.eval().requires_grad_(False)
