@@ -6,14 +6,28 @@ STAMP := $(VENV)/.installed
 OUT ?= runs/toy2d
 DATA ?= runs/data/digits16
 
-.PHONY: demo demo-toy2d test test-fast lint format bench bench-gpu clean
+.PHONY: lock demo demo-toy2d test test-fast lint format bench bench-gpu clean
 
-$(STAMP): pyproject.toml
+# Installs come from the committed lock (uv.lock) only: pip bootstraps the uv release the lock
+# names (hash-checked), then `uv sync --frozen` installs exactly the locked set, and cmray goes in
+# editable without build isolation, built by the locked setuptools. Nothing is resolved here.
+# UV_PYTHON_DOWNLOADS=never: the venv's own interpreter is the one to use, never a downloaded one.
+UV := UV_PYTHON_DOWNLOADS=never UV_PROJECT_ENVIRONMENT=$(VENV) $(BIN)/uv
+$(STAMP): uv.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "installing cmray and its dependencies into $(VENV) (a few minutes the first time; log: $(VENV)/pip.log)"
-	$(BIN)/python -m pip install -e '.[dev]' > $(VENV)/pip.log 2>&1 || { tail -n 40 $(VENV)/pip.log; exit 1; }
+	@echo "installing cmray and the locked stack into $(VENV) (a few minutes the first time; log: $(VENV)/install.log)"
+	{ $(PYTHON) infra/locked_requirement.py uv > $(VENV)/uv-requirement.txt \
+	  && $(BIN)/python -m pip install --require-hashes --no-deps -r $(VENV)/uv-requirement.txt \
+	  && $(UV) sync --frozen --no-install-project --extra dev --group build \
+	  && $(UV) pip install --no-deps --no-build-isolation -e . ; } > $(VENV)/install.log 2>&1 \
+	  || { tail -n 40 $(VENV)/install.log; exit 1; }
 	$(BIN)/python -c "import cmray, torch, ray, mlflow, lpips, webdataset"
 	touch $(STAMP)
+
+# Re-resolve pyproject.toml's ranges into uv.lock. Keeps every locked version that still fits;
+# `make lock ARGS="--upgrade-package NAME"` moves one package (README, "Upgrading a dependency").
+lock: $(STAMP)
+	$(UV) lock $(ARGS)
 
 # The whole small pipeline: real images -> local shards -> CT on 2 Ray Train CPU workers ->
 # checkpoints -> one- and two-step samples scored on 2 Ray actors with the digits-classifier
