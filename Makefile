@@ -18,7 +18,7 @@ $(STAMP): uv.lock pyproject.toml
 	@echo "installing cmray and the locked stack into $(VENV) (a few minutes the first time; log: $(VENV)/install.log)"
 	{ $(PYTHON) infra/locked_requirement.py uv > $(VENV)/uv-requirement.txt \
 	  && $(BIN)/python -m pip install --require-hashes --no-deps -r $(VENV)/uv-requirement.txt \
-	  && $(UV) sync --frozen --no-install-project --extra dev --group build \
+	  && $(UV) sync --frozen --no-install-project --extra dev --group install \
 	  && $(UV) pip install --no-deps --no-build-isolation -e . ; } > $(VENV)/install.log 2>&1 \
 	  || { tail -n 40 $(VENV)/install.log; exit 1; }
 	$(BIN)/python -c "import cmray, torch, ray, mlflow, lpips, webdataset"

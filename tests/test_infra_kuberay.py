@@ -26,6 +26,7 @@ import jsonschema
 import pytest
 import yaml
 from test_infra_launcher import IMAGE, PROJECT_DIR
+from test_lock import locked_version
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO / "infra" / "kuberay"
@@ -474,7 +475,8 @@ def test_mlflow_server_stays_inside_the_cluster() -> None:
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert pod["spec"]["serviceAccountName"] == "mlflow"
     (container,) = pod["spec"]["containers"]
-    assert container["image"] in (IMAGE, "ghcr.io/mlflow/mlflow:v3.17.2")
+    # MLflow's own image must run the server version the clients are locked at.
+    assert container["image"] in (IMAGE, f"ghcr.io/mlflow/mlflow:v{locked_version('mlflow')}")
     args = container["command"] + container["args"]
     assert args[:2] == ["mlflow", "server"]
     host = mlflow_uri().removeprefix("http://")

@@ -3,7 +3,7 @@
 The launcher configs go through the JSON schema shipped in the installed ray wheel, the check
 `ray up` makes before it contacts a cloud. The other tests hold the configs to what they claim:
 the one image tag, each instance type's real GPUs and CPUs, credentials from instance
-identities only, and an image pinned to the versions the project is tested with.
+identities only, and an image tagged with the versions it installs from the lock (uv.lock).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import random
 import re
 import string
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,11 @@ import jsonschema
 import pytest
 import ray
 import yaml
+from test_lock import locked_version
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
-REQUIREMENTS = INFRA / "docker" / "requirements.txt"
 LAUNCHER = {name: INFRA / "ray-cluster" / f"{name}.yaml" for name in ("aws", "gcp")}
 
 # The one image every infra config runs: <cmray version>-ray<Ray version>-cu<CUDA version>.
@@ -100,19 +99,6 @@ def _gpu_worker_types(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _dockerfile() -> str:
     return DOCKERFILE.read_text()
-
-
-def _pins() -> dict[str, str]:
-    """requirements.txt as {normalized name: version}; every line must be an exact pin."""
-    pins = {}
-    for raw in REQUIREMENTS.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        match = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[a-z,]+\])?==([0-9][A-Za-z0-9.]*)", line)
-        assert match, f"not an exact pin: {line!r}"
-        pins[re.sub(r"[-_.]+", "-", match[1]).lower()] = match[3]
-    return pins
 
 
 def _tag_parts() -> tuple[str, str, str]:
@@ -279,7 +265,9 @@ def test_the_image_tag_names_the_project_ray_and_cuda_versions() -> None:
     project, ray_version, cuda = _tag_parts()
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(rf'^version = "{re.escape(project)}"$', pyproject, re.MULTILINE)
-    assert ray_version == ray.__version__
+    assert ray_version == locked_version("ray") == ray.__version__
+    # torch's Linux wheels get CUDA from the cuda-toolkit wheels the lock pins beside them.
+    assert "".join(locked_version("cuda-toolkit").split(".")[:2]) == cuda
     base = re.search(r"^FROM nvidia/cuda:(\d+)\.(\d+)\.", _dockerfile(), re.MULTILINE)
     assert base and base[1] + base[2] == cuda
     major, minor = cuda[:-1], cuda[-1]
@@ -303,15 +291,6 @@ def test_the_dockerfile_base_image_is_pinned() -> None:
         assert tag != "latest", base
 
 
-def test_the_dockerfile_installs_the_pins_then_the_project() -> None:
-    text = _dockerfile()
-    assert "COPY --chown=ray:ray infra/docker/requirements.txt" in text
-    requirements = text.index("-r /home/ray/requirements.txt")
-    project = re.search(r"pip install [^\n]*--no-deps[^\n]* \.(?: |$)", text, re.MULTILINE)
-    assert project and project.start() > requirements
-    assert "pip check" in text
-
-
 def test_the_image_suits_the_launcher() -> None:
     """The launcher copies files in with rsync and reads HOME from the image's config."""
     text = _dockerfile()
@@ -319,32 +298,6 @@ def test_the_image_suits_the_launcher() -> None:
     assert re.search(r"^USER 1000(?::1000)?$", text, re.MULTILINE)  # ray, non-root
     assert "--uid 1000" in text
     assert "HOME=/home/ray" in text
-
-
-def test_requirements_pin_the_tested_stack() -> None:
-    pins = _pins()
-    assert pins["ray"] == ray.__version__ == _tag_parts()[1]
-    assert "ray[default,train,tune]==" in REQUIREMENTS.read_text()
-    assert pins["torch"] == "2.15.0"
-    stack = {"torchvision", "mlflow", "lpips", "torch-fidelity", "numpy", "webdataset"}
-    storage = {"fsspec", "s3fs", "gcsfs", "psycopg2-binary"}
-    assert stack | storage <= set(pins)
-    # Whatever of the stack is installed here is what the tests ran with: the pins must agree.
-    for name, pinned in pins.items():
-        try:
-            installed = version(name)
-        except PackageNotFoundError:
-            continue
-        assert installed.split("+")[0] == pinned, f"{name}: pinned {pinned}, tested {installed}"
-
-
-def test_requirements_cover_the_project_dependencies() -> None:
-    """The image installs cmray with --no-deps, so each of its dependencies needs a pin."""
-    tomllib = pytest.importorskip("tomllib")
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    names = {re.match(r"[A-Za-z0-9_.-]+", dep)[0] for dep in project["dependencies"]}
-    missing = {re.sub(r"[-_.]+", "-", name).lower() for name in names} - set(_pins())
-    assert not missing, f"pin these in {REQUIREMENTS.relative_to(ROOT)}: {sorted(missing)}"
 
 
 def test_the_build_context_leaves_local_state_out() -> None:
@@ -385,5 +338,5 @@ def test_no_credentials_under_infra() -> None:
 
 
 def test_the_launcher_and_the_image_never_name_aws_keys() -> None:
-    for path in [*LAUNCHER.values(), DOCKERFILE, REQUIREMENTS]:
+    for path in [*LAUNCHER.values(), DOCKERFILE]:
         assert not AWS_KEY_NAMES.search(path.read_text()), path
