@@ -17,11 +17,11 @@ def ray_init(num_cpus: int | None = None) -> dict[str, float]:
             # "local": a new instance, never one another process happens to have running
             # (plain ray.init() joins the newest local cluster it finds).
             ray.init(address="local", num_cpus=num_cpus or None)
-            _announce_local_cluster()
+            announce_local_cluster()
     return ray.cluster_resources()
 
 
-def _announce_local_cluster() -> None:
+def announce_local_cluster() -> None:
     """Record this cluster as the machine's current one, as ``ray start`` does.
 
     Ray Train's placement-group cleaner asks the State API (through the dashboard, hence

@@ -56,16 +56,57 @@ def s3_bucket(s3_endpoint: str) -> str:
     return f"s3://{name}"
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(s3_endpoint: str) -> Iterator[None]:
-    """A real local Ray with two CPUs; its workers get the S3 endpoint as AWS workers would."""
+# Ray Train's controller polls its workers every 2 s and its preemption watcher every 5 s;
+# each run waits up to one such period to notice that training ended, and the suite launches
+# about twenty runs on two cores. Every Ray the tests start (in this process, in pipelines run
+# as subprocesses, and `ray start`) inherits these shorter periods; behaviour is unchanged.
+for _name, _seconds in [
+    ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
+    ("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5"),
+]:
+    os.environ.setdefault(_name, _seconds)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint: str) -> None:
+    """One real local Ray with two CPUs for the whole session; its workers get the S3 endpoint
+    as AWS workers would. Shut down once, after every other fixture (pytest_sessionfinish):
+    starting and stopping Ray per module is the pattern that crashed interpreter exit."""
     import ray
 
-    env = {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}
-    ray.init(address="local", num_cpus=2, runtime_env={"env_vars": env})
-    try:
-        yield
-    finally:
+    from cmray.cluster import announce_local_cluster
+
+    if not ray.is_initialized():
+        env = {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}
+        ray.init(address="local", num_cpus=2, runtime_env={"env_vars": env})
+    # Pipelines run as subprocesses record their own (then dead) clusters as the machine's
+    # current one; Ray Train's placement-group cleaner asks the State API through that record.
+    announce_local_cluster()
+    return
+
+
+@pytest.fixture(autouse=True)
+def _session_ray_is_current() -> None:
+    """Before each test, the session's Ray (when this process runs one) is recorded again as the
+    machine's current cluster: a pipeline run as a subprocess overwrites the record with its own
+    cluster, dead once it exits, and the State API would then time out on it."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        from cmray.cluster import announce_local_cluster
+
+        announce_local_cluster()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Ray goes last and once, whoever started it in this process (a fixture, or a driver such
+    as the eval runner), so no Ray thread outlives the fixtures or the interpreter's exit."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
         ray.shutdown()
 
 
@@ -145,9 +186,10 @@ def running_mlflow_server(root: Path, artifacts: str, endpoint: str) -> Iterator
         log.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_server(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A module's tracking server, with MLFLOW_S3_ENDPOINT_URL set for the test's clients."""
+    """The session's tracking server, with MLFLOW_S3_ENDPOINT_URL set for the test's clients;
+    tests keep apart by experiment and registered-model names."""
     import s3fs
 
     bucket = f"mlflow-{uuid.uuid4().hex[:8]}"

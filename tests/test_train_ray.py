@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,18 +14,14 @@ from cmray.train.worker import FAULT_ONCE_ENV, FAULT_STEP_ENV, SAMPLE_FILE, laun
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def kill_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A local Ray whose workers kill rank 0 once after step 6."""
-    import ray
-
-    marker = tmp_path_factory.mktemp("chaos") / "killed"
-    env = {FAULT_STEP_ENV: "6", FAULT_ONCE_ENV: str(marker)}
-    ray.init(address="local", num_cpus=2, runtime_env={"env_vars": env})
-    try:
-        yield marker
-    finally:
-        ray.shutdown()
+@pytest.fixture
+def kill_file(ray_cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The session's Ray, with this test's runs killing rank 0 once after step 6 (the chaos
+    variables travel from the driver to the run's workers)."""
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_STEP_ENV, "6")
+    monkeypatch.setenv(FAULT_ONCE_ENV, str(marker))
+    return marker
 
 
 def test_two_workers_survive_a_kill_and_resume_by_name(

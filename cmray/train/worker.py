@@ -43,7 +43,14 @@ from cmray.train.tracking import finish_tracking, start_tracking
 SAMPLE_FILE = "samples.png"
 # Chaos testing: the worker of rank 0 kills its own process once, after this step, so a cluster's
 # (or a test's) recovery path can be exercised on demand. The file records that it happened.
+# Set in the driver's environment, they reach the run's workers (and only that run's).
 FAULT_STEP_ENV, FAULT_ONCE_ENV = "CMRAY_KILL_AT_STEP", "CMRAY_KILL_ONCE_FILE"
+
+
+def _fault_env() -> dict[str, str]:
+    """The chaos variables set in the driver, for the run's workers: a worker's environment is
+    the cluster's, fixed when Ray started, so they travel in the run's worker runtime env."""
+    return {k: os.environ[k] for k in (FAULT_STEP_ENV, FAULT_ONCE_ENV) if k in os.environ}
 
 
 def _resume(trainer: Trainer) -> None:
@@ -226,6 +233,7 @@ def _torch_trainer(
             failure_config=FailureConfig(max_failures=run.max_failures),
             logging_config=LoggingConfig(log_level=run.log_level),
             callbacks=list(callbacks),
+            worker_runtime_env={"env_vars": env} if (env := _fault_env()) else None,
         ),
     )
 
