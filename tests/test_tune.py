@@ -213,18 +213,20 @@ def test_trials_asha_stops_free_their_workers_for_the_next(tmp_path: Path) -> No
     its CPUs back, or every later trial waits for ever. The machine's current-cluster record
     names a dead cluster first, as after any earlier `ray start`, which once kept Ray Train's
     cleaner from freeing them. (The third trial, the slow learning rate again, is stopped at
-    the first rung, below the two trials already there.)"""
+    the first rung: it is behind the median of the two trials already there.)"""
     from ray._private.utils import write_ray_address
 
     write_ray_address("127.0.0.1:9")
     config = tmp_path / "tune.yaml"
-    config.write_text(yaml.safe_dump(toy_tune(num_samples=1, toy={**TOY_TRIAL, "cpus": 2})))
+    # The learning-rate grid drawn twice: slow, fast, slow, fast.
+    cfg = toy_tune(num_samples=2, space=TOY_SPACE[:1], toy={**TOY_TRIAL, "cpus": 2})
+    config.write_text(yaml.safe_dump(cfg))
     proc = _tune(config, tmp_path)
     assert proc.wait(900) == 0, (tmp_path / "tune.log").read_text()[-3000:]
     log = (tmp_path / "tune.log").read_text()
     assert "up to 1 trials at once" in log  # nothing runs beside a trial
     rows = _rows(tmp_path / "runs" / "tune" / "toy" / "results.csv")
-    assert len(rows) == 4  # the 2 x 2 grid
+    assert len(rows) == 4  # the grid of 2, drawn twice
     assert {r["status"] for r in rows} == {"finished", "stopped early"}
     stopped = [r for r in rows if r["status"] == "stopped early"]
     assert all(int(r["step"]) < 240 for r in stopped)
