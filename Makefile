@@ -42,8 +42,9 @@ demo-toy2d: $(STAMP)
 
 # -X faulthandler keeps tracebacks on a crash through interpreter exit too (pytest's own
 # handler stops at the end of the session), so a crash in a library's teardown names its thread.
+# --durations: the slowest tests in every log, to keep the suite inside its 15-minute budget.
 test: $(STAMP)
-	$(BIN)/python -X faulthandler -m pytest
+	$(BIN)/python -X faulthandler -m pytest --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_port
+from helpers import RayHead, free_port, start_ray_head
 
 
 @pytest.fixture(scope="session")
@@ -68,32 +68,34 @@ for _name, _seconds in [
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_endpoint: str) -> None:
-    """One real local Ray with two CPUs for the whole session; its workers get the S3 endpoint
-    as AWS workers would. Shut down once, after every other fixture (pytest_sessionfinish):
-    starting and stopping Ray per module is the pattern that crashed interpreter exit."""
+def ray_cluster(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One real Ray with two CPUs for the whole session, its workers given the S3 endpoint as
+    AWS workers would be. It runs as `ray start` with every fixed-default port chosen free, so
+    the local Rays that pipelines start as subprocesses, and test_ray_job's head, run beside it
+    without contending for a port; this process connects as a driver, as on a cluster.
+    Disconnected once, after every other fixture (pytest_sessionfinish), and then stopped."""
     import ray
 
     from cmray.cluster import announce_local_cluster
 
-    if not ray.is_initialized():
-        env = {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}
-        ray.init(address="local", num_cpus=2, runtime_env={"env_vars": env})
-    # Pipelines run as subprocesses record their own (then dead) clusters as the machine's
-    # current one; Ray Train's placement-group cleaner asks the State API through that record.
+    head = start_ray_head(tmp_path_factory.mktemp("ray") / "head.log", 2, dict(os.environ))
+    _HEADS.append(head)
+    env = {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}
+    ray.init(address=head.gcs, runtime_env={"env_vars": env})
     announce_local_cluster()
-    return
+    yield
+
+
+_HEADS: list[RayHead] = []
 
 
 @pytest.fixture(autouse=True)
-def _session_ray_is_current() -> None:
-    """Before each test, the session's Ray (when this process runs one) is recorded again as the
-    machine's current cluster: a pipeline run as a subprocess overwrites the record with its own
-    cluster, dead once it exits, and the State API would then time out on it."""
-    import sys
-
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+def _session_ray_is_current(request: pytest.FixtureRequest) -> None:
+    """Before each test on the session's Ray, that Ray is recorded again as the machine's
+    current cluster: a pipeline run as a subprocess overwrites the record with its own cluster,
+    dead once it exits, and Ray Train's State API calls would time out on it. Tests on another
+    cluster (a `ray start` head) keep that cluster's record, or its runs would ask ours."""
+    if "ray_cluster" in request.fixturenames:
         from cmray.cluster import announce_local_cluster
 
         announce_local_cluster()
@@ -101,13 +103,15 @@ def _session_ray_is_current() -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Ray goes last and once, whoever started it in this process (a fixture, or a driver such
-    as the eval runner), so no Ray thread outlives the fixtures or the interpreter's exit."""
+    """Ray goes last and once: the driver disconnects after every fixture is finalized, then
+    the session's head stops, so no Ray thread outlives the fixtures or the interpreter."""
     import sys
 
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+    while _HEADS:
+        _HEADS.pop().stop()
 
 
 @pytest.fixture(scope="session")

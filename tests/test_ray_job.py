@@ -3,20 +3,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import start_ray_head
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,47 +26,20 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     Token authentication on, as on a real cluster: ``ray start`` writes the token to
     ~/.ray/auth_token, and clients with RAY_AUTH_MODE=token send it.
     """
-    port, dashboard = free_port(), free_port()
     log = tmp_path_factory.mktemp("head") / "head.log"
     saved_mode = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "token"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    command = [f"{BIN}/ray", "start", "--head", "--block", "--port", str(port), "--num-cpus", "2"]
-    command += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
-                break
-            except urllib.error.HTTPError:  # it answers (asking for Ray's auth token): up
-                break
-            except OSError:
-                assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, "the head's job server did not come up"
-                time.sleep(1)
-        yield address
+        head = start_ray_head(log, 2, dict(os.environ))
+        try:
+            yield head.dashboard
+        finally:
+            head.stop()
     finally:
         if saved_mode is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = saved_mode
-        # SIGTERM to `ray start --block` alone: it drains the node through its GCS, then stops
-        # what it started (2 s). Signalled as a group, the GCS went first and the drain waited
-        # its full 30 s for it. Then whatever of the group is left goes, at once.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(60)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 def submit(address: str, *entrypoint: str) -> subprocess.CompletedProcess:
