@@ -78,7 +78,10 @@ def ray_cluster(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> I
 
     from cmray.cluster import announce_local_cluster
 
-    head = start_ray_head(tmp_path_factory.mktemp("ray") / "head.log", 2, dict(os.environ))
+    # Token authentication off for this cluster: a driver reads its auth mode once, and this
+    # one should not depend on what a test set before it connected (test_ray_job tests tokens).
+    log = tmp_path_factory.mktemp("ray") / "head.log"
+    head = start_ray_head(log, 2, {**os.environ, "RAY_AUTH_MODE": "disabled"})
     _HEADS.append(head)
     env = {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}
     ray.init(address=head.gcs, runtime_env={"env_vars": env})
