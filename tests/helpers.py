@@ -56,9 +56,9 @@ class RayHead:
     dashboard: str  # http://127.0.0.1:PORT, for the job and State APIs
 
     def stop(self) -> None:
-        """SIGTERM to `ray start` alone: it drains the node through its GCS and then stops what
-        it started (about 2 s). Signalled as a group, the GCS went first and the drain waited
-        its full 30 s for it. Whatever of the group is left then goes at once."""
+        """SIGTERM to `ray start` alone: it drains the node through its GCS (2 s at most, above)
+        and then stops what it started. Signalled as a group, the GCS went first and the drain
+        waited its full time for it. Whatever of the group is left then goes at once."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -76,6 +76,9 @@ def start_ray_head(log: Path, num_cpus: int, env: dict[str, str]) -> RayHead:
     and the client server's 10001 would)."""
     bin_dir = str(Path(sys.executable).parent)
     env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+    # On SIGTERM the head drains before it stops, waiting (30 s by default) for what still
+    # runs there: detached actors of finished runs keep it busy for all of it.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "2")
     env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port(), free_port()
     command = [f"{bin_dir}/ray", "start", "--head", "--block", "--num-cpus", str(num_cpus)]
