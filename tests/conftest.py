@@ -14,6 +14,17 @@ import pytest
 from helpers import RayHead, free_port, start_ray_head
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) the slow tests run one after
+    another on one worker, which owns the session's Ray, MLflow and S3 servers: they share one
+    2-CPU Ray and the machine's current-cluster record, so two at once would wait on each
+    other's CPUs. The fast tests run on the other worker meanwhile, on the core that a slow
+    test leaves idle while Ray starts its processes one by one."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("services"))
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3 API (moto's server) on 127.0.0.1; s3fs reaches it exactly as it reaches AWS.
@@ -68,12 +79,14 @@ for _name, _seconds in [
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def ray_cluster(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One real Ray with two CPUs for the whole session, its workers given the S3 endpoint as
     AWS workers would be. It runs as `ray start` with every fixed-default port chosen free, so
     the local Rays that pipelines start as subprocesses, and test_ray_job's head, run beside it
     without contending for a port; this process connects as a driver, as on a cluster.
-    Disconnected once, after every other fixture (pytest_sessionfinish), and then stopped."""
+    Disconnected once, after every other fixture (pytest_sessionfinish), and then stopped.
+    Yields its GCS address: a pipeline run as a subprocess with RAY_ADDRESS set to it joins
+    this Ray, as a job joins a cluster, instead of paying for a Ray of its own."""
     import ray
 
     from cmray.cluster import announce_local_cluster
@@ -86,7 +99,7 @@ def ray_cluster(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> I
     env = {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}
     ray.init(address=head.gcs, runtime_env={"env_vars": env})
     announce_local_cluster()
-    yield
+    yield head.gcs
 
 
 _HEADS: list[RayHead] = []

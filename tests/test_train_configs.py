@@ -3,6 +3,7 @@ short runs of the pipeline behave on the console."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,12 @@ def test_a_bad_config_fails_before_ray_starts(digits16: str, override: str, mess
 
 
 def run_digits(
-    digits16: str, out: Path, extra: list[str], timeout: int, **values: object
+    digits16: str,
+    out: Path,
+    extra: list[str],
+    timeout: int,
+    env: dict[str, str] | None = None,
+    **values: object,
 ) -> subprocess.CompletedProcess[str]:
     """``pipelines/train.py`` on the digits config, storing under ``out`` (also its cwd)."""
     sets = {
@@ -87,7 +93,12 @@ def run_digits(
     }
     args = [*TRAIN, "--config", str(ROOT / "configs" / "digits_ct.yaml"), *extra, *set_args(sets)]
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=out
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=out,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -103,9 +114,12 @@ def test_local_training_uses_the_gpu_only_when_one_is_visible(
 
 
 @pytest.mark.slow
-def test_the_job_log_shows_each_progress_line_once(digits16: str, tmp_path: Path) -> None:
+def test_the_job_log_shows_each_progress_line_once(
+    digits16: str, ray_cluster: str, tmp_path: Path
+) -> None:
+    """The log of a run submitted to a running cluster (RAY_ADDRESS), as a job's log reads."""
     sets = {"loop.steps": 6, "loop.log_every": 2, "loop.checkpoint_every": 6}
-    result = run_digits(digits16, tmp_path, [], 600, **sets)
+    result = run_digits(digits16, tmp_path, [], 600, {"RAY_ADDRESS": ray_cluster}, **sets)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout + result.stderr
     # Ray Train's print() both logs and echoes; cmray's lines bypass it.

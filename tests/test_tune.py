@@ -209,35 +209,37 @@ def test_toy_search_survives_a_driver_crash_and_finds_the_better_trial(tmp_path:
 
 @pytest.mark.slow
 def test_trials_asha_stops_free_their_workers_for_the_next(tmp_path: Path) -> None:
-    """4 trials, one at a time, each reserving both CPUs: a trial that ASHA stops must give
-    its CPUs back, or every later trial waits for ever. The machine's current-cluster record
+    """3 trials, one at a time, each reserving both CPUs: a trial that ASHA stops must give
+    its CPUs back, or the trial after it waits for ever. The machine's current-cluster record
     names a dead cluster first, as after any earlier `ray start`, which once kept Ray Train's
-    cleaner from freeing them. (The third trial, the slow learning rate again, is stopped at
-    the first rung: it is behind the median of the two trials already there.)"""
+    cleaner from freeing them. (The second trial, the slow learning rate, is stopped at the
+    first rung: it is behind the fast one already there.)"""
     from ray._private.utils import write_ray_address
 
     write_ray_address("127.0.0.1:9")
     config = tmp_path / "tune.yaml"
-    # The learning-rate grid drawn twice: slow, fast, slow, fast.
-    cfg = toy_tune(num_samples=2, space=TOY_SPACE[:1], toy={**TOY_TRIAL, "cpus": 2})
+    # Fast, slow, fast: the third trial needs the CPUs that the stopped second one held.
+    space = [{**TOY_SPACE[0], "values": [3.0e-3, 1.0e-5, 3.0e-3]}]
+    cfg = toy_tune(num_samples=1, space=space, toy={**TOY_TRIAL, "cpus": 2})
     config.write_text(yaml.safe_dump(cfg))
     proc = _tune(config, tmp_path)
     assert proc.wait(900) == 0, (tmp_path / "tune.log").read_text()[-3000:]
     log = (tmp_path / "tune.log").read_text()
     assert "up to 1 trials at once" in log  # nothing runs beside a trial
     rows = _rows(tmp_path / "runs" / "tune" / "toy" / "results.csv")
-    assert len(rows) == 4  # the grid of 2, drawn twice
-    assert {r["status"] for r in rows} == {"finished", "stopped early"}
-    stopped = [r for r in rows if r["status"] == "stopped early"]
-    assert all(int(r["step"]) < 240 for r in stopped)
+    assert len(rows) == 3
+    assert sorted(r["status"] for r in rows) == ["finished", "finished", "stopped early"]
+    (stopped,) = [r for r in rows if r["status"] == "stopped early"]
+    assert float(stopped["ct.optim.lr"]) == 1.0e-5 and int(stopped["step"]) < 240
 
 
 @pytest.mark.slow
 def test_digits_search_logs_children_and_crowns_a_champion(
-    digits16: str, mlflow_server: str, s3_endpoint: str, tmp_path: Path
+    digits16: str, mlflow_server: str, ray_cluster: str, tmp_path: Path
 ) -> None:
-    """A 2-trial CT search on real shards: each trial a TorchTrainer, a child run of the
-    search's MLflow run (artifacts in S3), and the best trial's model @champion."""
+    """A 2-trial CT search on real shards, submitted to a running cluster (RAY_ADDRESS): each
+    trial a TorchTrainer, a child run of the search's MLflow run (artifacts in S3), and the
+    best trial's model @champion."""
     from mlflow import MlflowClient
     from test_train import tiny_config
 
@@ -263,7 +265,7 @@ def test_digits_search_logs_children_and_crowns_a_champion(
         },
     }
     config.write_text(yaml.safe_dump(search))
-    proc = _tune(config, tmp_path)
+    proc = _tune(config, tmp_path, {"RAY_ADDRESS": ray_cluster})
     assert proc.wait(900) == 0, (tmp_path / "tune.log").read_text()[-3000:]
 
     client = MlflowClient(mlflow_server)
