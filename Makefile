@@ -43,11 +43,8 @@ demo-toy2d: $(STAMP)
 # -X faulthandler keeps tracebacks on a crash through interpreter exit too (pytest's own
 # handler stops at the end of the session), so a crash in a library's teardown names its thread.
 # --durations: the slowest tests in every log, to keep the suite inside its 15-minute budget.
-# Two pytest-xdist workers: the slow tests in order on one, the fast ones on the other
-# (tests/conftest.py says why); TEST_WORKERS=0 runs everything in this one process.
-TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -X faulthandler -m pytest --durations=15 -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -X faulthandler -m pytest --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

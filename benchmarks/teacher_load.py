@@ -30,9 +30,10 @@ import torch
 from common import start
 
 from cmray.config import apply_overrides, from_dict, read_config_file
+from cmray.models import load_model
 from cmray.train import state as ckpt
 from cmray.train.config import TrainConfig
-from cmray.train.loop import build_trainer, load_model
+from cmray.train.loop import build_trainer
 
 DEFAULTS = ["net.model_channels=64", "data.manifest=unused://"]
 

@@ -2,8 +2,8 @@
 
     python benchmarks/unet_sampling.py [--device cpu|cuda] [--preset lsun256] [--rounds 4]
 
-f_theta is built as training builds it: ``ConsistencyFunction(UNet(cfg.net),
-parametrization("cd", noise, sigma_data))`` with the default noise range (eps = 0.002, T = 80).
+f_theta is built as training builds it: ``build_model(ModelConfig(kind="cd", net=...))``, the
+U-Net inside the CD scalings, with the default noise range (eps = 0.002, T = 80).
 Weights are random (PyTorch's initialisation, with ADM's zeroed residual outputs): the speed does
 not depend on the values. One step is ``sample_onestep``; two steps is ``sample_multistep`` with
 the official LSUN CD choice of ``taus_from_indices([0, 17, 39], 40)`` (one tau), both clipping
@@ -32,9 +32,8 @@ from common import device_name, load_average, start, sync
 
 from cmray.core.parametrization import ConsistencyFunction
 from cmray.core.sampling import sample_multistep, sample_onestep, taus_from_indices
+from cmray.models import ModelConfig, build_model
 from cmray.nets.unet import UNET_PRESETS, unet_config
-from cmray.train.config import ObjectiveConfig
-from cmray.train.loop import consistency_net
 
 OFFICIAL_LSUN_INDICES = [0, 17, 39]
 OFFICIAL_LSUN_N = 40
@@ -46,7 +45,7 @@ def build_f(preset: str, resolution: int | None, device: torch.device) -> Consis
     """f_theta around a randomly initialised U-Net, built as training builds it."""
     overrides = {} if resolution is None else {"resolution": resolution}
     torch.manual_seed(0)
-    f = consistency_net(unet_config(preset, **overrides), ObjectiveConfig(), kind="cd")
+    f = build_model(ModelConfig(kind="cd", net=unet_config(preset, **overrides)))
     return f.requires_grad_(False).eval().to(device)
 
 
@@ -59,7 +58,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def make_samplers(
     f: ConsistencyFunction, z: torch.Tensor, taus: list[float], precision: str
 ) -> dict[str, Callable[[], None]]:
-    noise = ObjectiveConfig().noise
+    noise = ModelConfig().noise
     gen = torch.Generator(device=z.device).manual_seed(1)
     lims = {"sigma_min": noise.sigma_min, "sigma_max": noise.sigma_max}
 

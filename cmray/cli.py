@@ -7,11 +7,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import cmray
 from cmray.config import add_config_args, config_from_args, dump_yaml, exit_on_config_error
 from cmray.data.config import PrepareConfig
-from cmray.eval.config import MODEL_BATCH
+from cmray.models import MODEL_BATCH
 from cmray.train.config import TrainConfig
 from cmray.train.toy_config import Toy2DConfig
 from cmray.tune.config import TuneConfig
@@ -42,9 +43,10 @@ def _toy2d_command(args: argparse.Namespace) -> int:
 
 
 def _edit_command(args: argparse.Namespace) -> int:
+    import cmray.tracking  # noqa: F401 - registers MLflow model URIs as model sources
     from cmray.eval.images import save_grid
     from cmray.experiments.edit import run_edit
-    from cmray.train.loop import load_model
+    from cmray.models import load_model
 
     try:
         f, cfg = load_model(args.model)
@@ -58,6 +60,7 @@ def _edit_command(args: argparse.Namespace) -> int:
             args.factor,
             args.sigma,
             args.seed,
+            clip=not args.no_clip,
         )
     except (OSError, ValueError) as exc:
         print(f"edit error: {exc}", file=sys.stderr)
@@ -88,6 +91,11 @@ def _add_edit_parser(sub: argparse._SubParsersAction) -> None:
     edit.add_argument("--factor", type=int, default=4, help="super_resolution: scale factor")
     edit.add_argument("--sigma", type=float, default=0.5, help="denoise: the noise level")
     edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument(
+        "--no-clip",
+        action="store_true",
+        help="do not clamp each denoised estimate to [-1, 1] before the projection",
+    )
     edit.add_argument("--out", required=True, type=Path, help="output PNG (panels side by side)")
     edit.set_defaults(run=_edit_command)
 
@@ -139,34 +147,59 @@ def _count(text: str) -> int:
     return value
 
 
+# The paper's two-step choices: the middle grid index for LSUN CD (N = 40) and CT (N = 151).
+TWO_STEP_INDEX = {40: 17, 151: 67}
+
+
 def _sample_command(args: argparse.Namespace) -> int:
     import torch
 
-    from cmray.core.sampling import in_batches, sample_multistep, taus_from_indices
+    import cmray.tracking  # noqa: F401 - registers MLflow model URIs as model sources
+    from cmray.core.sampling import class_labels, in_batches
     from cmray.eval.images import save_grid
-    from cmray.train.loop import load_model
+    from cmray.models import load_model
 
     try:
         f, cfg = load_model(args.model, args.device)
     except (OSError, ValueError) as exc:
         print(f"sample error: {exc}", file=sys.stderr)
         return 2
-    noise, net = cfg.objective.noise, cfg.net
-    # Two steps default to the paper's LSUN CD choice, index 17 of the 40-point grid.
-    taus = args.taus or (
-        taus_from_indices([0, 17, 39], 40, noise.sigma_min, noise.sigma_max, noise.rho)
-        if args.steps == 2
-        else []
-    )
+    net = cfg.net
     shape = (args.num, net.in_channels, net.resolution, net.resolution)
     gen = torch.Generator().manual_seed(args.seed)
     z = torch.randn(shape, generator=gen).to(args.device)
-    f = in_batches(f, args.batch)
-    x = sample_multistep(f, z, taus, gen, noise.sigma_min, noise.sigma_max, clip=(-1, 1)).x
+    try:
+        labels = class_labels(net.num_classes, args.num, args.class_label, gen)
+    except ValueError as exc:
+        print(f"sample error: {exc}", file=sys.stderr)
+        return 2
+    f = in_batches(f, args.batch, None if labels is None else labels.to(args.device))
+    x, nfe = _draw(f, cfg, z, gen, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(x.cpu(), args.out)
-    print(f"wrote {args.num} samples ({1 + len(taus)} NFE each) to {args.out}")
+    print(f"wrote {args.num} samples ({nfe} NFE each) to {args.out}")
     return 0
+
+
+def _draw(f: Any, cfg: Any, z: Any, gen: Any, args: argparse.Namespace) -> tuple[Any, int]:
+    """Algorithm 1 for a consistency model; EDM's Heun sampler (35 NFE) for a teacher."""
+    from cmray.core.sampling import sample_multistep, sample_teacher_ode, taus_from_indices
+    from cmray.core.schedules import karras_sigmas
+
+    noise = cfg.noise
+    if not cfg.is_consistency:
+        grid = karras_sigmas(args.points, noise.sigma_min, noise.sigma_max, noise.rho)
+        result = sample_teacher_ode(f, z, grid.to(z.device), "heun", to_zero=True)
+        return result.x.clamp(-1, 1), result.nfe
+    N = cfg.N or 40
+    middle = TWO_STEP_INDEX.get(N, round(17 / 39 * (N - 1)))
+    taus = args.taus or (
+        taus_from_indices([0, middle, N - 1], N, noise.sigma_min, noise.sigma_max, noise.rho)
+        if args.steps == 2
+        else []
+    )
+    result = sample_multistep(f, z, taus, gen, noise.sigma_min, noise.sigma_max, clip=(-1, 1))
+    return result.x, result.nfe
 
 
 def _fetch_command(args: argparse.Namespace) -> int:
@@ -179,12 +212,13 @@ def _fetch_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from cmray.models.files import one_line
     from cmray.tracking.models import fetch_model
 
     try:
         path = fetch_model(args.model, args.out)
     except Exception as exc:  # MLflow raises its own types for unknown names and versions
-        print(f"fetch error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"fetch error: {args.model}: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"model file: {path}")
     return 0
@@ -233,6 +267,12 @@ def _add_model_parsers(sub: argparse._SubParsersAction) -> None:
     sample.add_argument("--model", required=True, help="models:/NAME@ALIAS, checkpoint or file")
     sample.add_argument("--steps", type=int, choices=(1, 2), default=1)
     sample.add_argument("--taus", type=float, nargs="+", help="multistep taus (Algorithm 1)")
+    sample.add_argument(
+        "--points",
+        type=_count,
+        default=18,
+        help="EDM teachers: Karras points of the Heun solve (18: 35 NFE, as EDM)",
+    )
     sample.add_argument("--num", type=_count, default=64)
     sample.add_argument(
         "--batch", type=_count, default=MODEL_BATCH, help="images per network call (GPU memory)"
@@ -241,10 +281,72 @@ def _add_model_parsers(sub: argparse._SubParsersAction) -> None:
     sample.add_argument("--device", default="cpu", help="cpu or cuda")
     sample.add_argument("--out", required=True, type=Path)
     sample.set_defaults(run=_sample_command)
+    sample.add_argument(
+        "--class",
+        dest="class_label",
+        type=int,
+        help="class-conditional models: every sample of this class (default: uniform classes)",
+    )
     fetch = sub.add_parser("fetch", help="download a model from the MLflow registry")
     fetch.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/3")
     fetch.add_argument("--out", required=True, type=Path)
     fetch.set_defaults(run=_fetch_command)
+
+
+def _import_command(args: argparse.Namespace) -> int:
+    from cmray.models import ModelSourceError
+
+    if args.format == "openai":
+        from cmray.models.openai import import_openai as convert
+    else:
+        from cmray.models.diffusers import import_diffusers as convert
+    try:
+        path, cfg = convert(args.source, args.out, args.kind)
+    except (OSError, ModelSourceError) as exc:
+        print(f"import error: {exc}", file=sys.stderr)
+        return 2
+    classes = f", {cfg.net.num_classes} classes" if cfg.net.num_classes else ""
+    print(f"wrote {path}: a {cfg.kind} model, {cfg.net.resolution}x{cfg.net.resolution}{classes}")
+    return 0
+
+
+def _add_import_parser(sub: argparse._SubParsersAction) -> None:
+    imp = sub.add_parser("import", help="convert someone else's model into a cmray model file")
+    formats = imp.add_subparsers(dest="format", required=True)
+    openai = formats.add_parser("openai", help="a released openai/consistency_models .pt file")
+    openai.add_argument("source", help="edm_*.pt, cd_*.pt or ct_*.pt (a path or URL)")
+    pipeline = formats.add_parser(
+        "diffusers", help="a ConsistencyModelPipeline directory (the hub's openai/diffusers-*)"
+    )
+    pipeline.add_argument("source", help="the directory, with unet/ and scheduler/")
+    for fmt, kinds in ((openai, ("edm", "cd", "ct")), (pipeline, ("cd", "ct"))):
+        fmt.add_argument("--out", required=True, type=Path, help="the cmray model file to write")
+        fmt.add_argument("--kind", choices=kinds, help="what the model is (default: from the name)")
+        fmt.set_defaults(run=_import_command)
+    export = sub.add_parser("export", help="write a cmray model in another library's format")
+    targets = export.add_subparsers(dest="format", required=True)
+    to_diffusers = targets.add_parser(
+        "diffusers", help="a directory ConsistencyModelPipeline.from_pretrained loads"
+    )
+    to_diffusers.add_argument(
+        "--model", required=True, help="models:/NAME@ALIAS, checkpoint or file"
+    )
+    to_diffusers.add_argument("--out", required=True, type=Path, help="the directory to write")
+    to_diffusers.set_defaults(run=_export_command)
+
+
+def _export_command(args: argparse.Namespace) -> int:
+    import cmray.tracking  # noqa: F401 - registers MLflow model URIs as model sources
+    from cmray.models import ModelSourceError
+    from cmray.models.diffusers import export_diffusers
+
+    try:
+        out = export_diffusers(args.model, args.out)
+    except (OSError, ModelSourceError) as exc:
+        print(f"export error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: ConsistencyModelPipeline.from_pretrained({str(out)!r}) loads it")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_model_parsers(sub)
     _add_submit_parser(sub)
+    _add_import_parser(sub)
     return parser
 
 

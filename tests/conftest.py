@@ -14,17 +14,6 @@ import pytest
 from helpers import RayHead, free_port, start_ray_head
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) the slow tests run one after
-    another on one worker, which owns the session's Ray, MLflow and S3 servers: they share one
-    2-CPU Ray and the machine's current-cluster record, so two at once would wait on each
-    other's CPUs. The fast tests run on the other worker meanwhile, on the core that a slow
-    test leaves idle while Ray starts its processes one by one."""
-    for item in items:
-        if item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.xdist_group("services"))
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3 API (moto's server) on 127.0.0.1; s3fs reaches it exactly as it reaches AWS.

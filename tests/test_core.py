@@ -233,6 +233,24 @@ def test_samplers_count_network_evaluations():
     assert sampling.sample_teacher_ode(f, z, grid, "euler").nfe == 9
     assert sampling.sample_teacher_ode(f, z, grid, "heun").nfe == 18
     assert len(calls) == 1 + 4 + 9 + 18
+    # EDM's ending, a last step to sigma = 0: 18 Karras points cost 35 evaluations.
+    edm = schedules.karras_sigmas(18)
+    assert sampling.sample_teacher_ode(f, z, edm, "heun", to_zero=True).nfe == 35
+    assert len(calls) == 1 + 4 + 9 + 18 + 35
+
+
+def test_the_step_to_zero_is_the_denoised_estimate_at_eps():
+    """Euler from eps to 0: x + (0 - eps) (x - D(x, eps)) / eps = D(x, eps)."""
+    seen = []
+
+    def D(x, t):
+        seen.append(x)
+        return 0.5 * x + t[:, None]
+
+    z, grid = torch.randn(3, 2), schedules.karras_sigmas(4)
+    x = sampling.sample_teacher_ode(D, z, grid, "euler", to_zero=True).x
+    last = seen[-1]
+    torch.testing.assert_close(x, 0.5 * last + grid[0])
 
 
 def test_multistep_injects_noise_of_variance_tau2_minus_eps2():

@@ -126,8 +126,8 @@ def test_inpaint_ignores_y_inside_the_hole_and_is_reproducible():
     missing = torch.zeros(1, 1, 8, 8)
     missing[..., 2:6, 2:6] = 1
     y2 = torch.where(missing.bool(), torch.full_like(y1, 1e6), y1)
-    out1 = editing.inpaint(f_star, y1, missing, TS, generator=gen(5))
-    out2 = editing.inpaint(f_star, y2, missing, TS, generator=gen(5))
+    out1 = editing.inpaint(f_star, y1, missing, TS, generator=gen(5), clip=None)
+    out2 = editing.inpaint(f_star, y2, missing, TS, generator=gen(5), clip=None)
     assert torch.equal(out1, out2)  # Algorithm 4's first line discards y where Omega = 1
 
 
@@ -169,7 +169,7 @@ def test_inpaint_converges_to_the_conditional_distribution():
     y = one_image(1).expand(N, 3, 8, 8)
     missing = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
     missing[..., :, 4:] = True
-    out = editing.inpaint(f_star, y, missing, TS, generator=gen(2))
+    out = editing.inpaint(f_star, y, missing, TS, generator=gen(2), clip=None)
     check_conditional_law(editing.IdentityTransform(), missing, y, out)
     # Generated pixels are independent, as in the exact conditional law.
     assert torch.corrcoef(out[:, 0, :2, 4:6].reshape(N, 4).T).fill_diagonal_(0).abs().max() < 0.1
@@ -177,7 +177,7 @@ def test_inpaint_converges_to_the_conditional_distribution():
 
 def test_colorize_converges_to_the_conditional_mean():
     gray = one_image(1, (1, 1, 8, 8)).expand(N, 1, 8, 8)
-    out = editing.colorize(f_star, gray, TS, generator=gen(2))
+    out = editing.colorize(f_star, gray, TS, generator=gen(2), clip=None)
     omega = torch.tensor([False, True, True]).reshape(1, 3, 1, 1)
     check_conditional_law(editing.ColorTransform(), omega, gray.expand(N, 3, 8, 8), out)
 
@@ -185,7 +185,7 @@ def test_colorize_converges_to_the_conditional_mean():
 def test_super_resolve_converges_to_the_conditional_mean():
     p = 4
     low = one_image(1, (1, 3, 2, 2)).expand(N, 3, 2, 2)
-    out = editing.super_resolve(f_star, low, p, TS, generator=gen(2))
+    out = editing.super_resolve(f_star, low, p, TS, generator=gen(2), clip=None)
     A = editing.PatchMeanTransform(p)
     up = low.repeat_interleave(p, 2).repeat_interleave(p, 3)
     check_conditional_law(A, A.omega(3), up, out)
@@ -194,8 +194,10 @@ def test_super_resolve_converges_to_the_conditional_mean():
 def test_edit_with_a_float_mask_matches_inpaint():
     y = one_image(1).expand(8, 3, 8, 8)
     missing = (torch.rand(1, 1, 8, 8, generator=gen(3)) < 0.3).float()
-    a = editing.edit(f_star, y, editing.IdentityTransform(), missing, TS, generator=gen(4))
-    b = editing.inpaint(f_star, y, missing.bool(), TS, generator=gen(4))
+    a = editing.edit(
+        f_star, y, editing.IdentityTransform(), missing, TS, generator=gen(4), clip=None
+    )
+    b = editing.inpaint(f_star, y, missing.bool(), TS, generator=gen(4), clip=None)
     assert torch.equal(a, b)
 
 
@@ -203,14 +205,14 @@ def test_stroke_guided_mean_approaches_m_as_t1_grows():
     strokes = torch.full((N, 3, 8, 8), -2.0)
     gaps = []
     for t1 in (0.25, 1.0, 4.0, T):
-        out = editing.stroke_guided(f_star, strokes, [t1], generator=gen(1))
+        out = editing.stroke_guided(f_star, strokes, [t1], generator=gen(1), clip=None)
         gap = (out.mean() - M).abs().item()
         # One step of f* from N(strokes, t1^2): the mean keeps a fraction s / sqrt(s^2 + t1^2)
         # of the offset from m. The mean over 192 * N pixels has std at most 0.0006.
         assert gap == pytest.approx(2.3 * S / math.sqrt(S**2 + t1**2), abs=3e-3)
         gaps.append(gap)
     assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 0.02
-    out = editing.stroke_guided(f_star, strokes, TS, generator=gen(1))
+    out = editing.stroke_guided(f_star, strokes, TS, generator=gen(1), clip=None)
     assert (out.mean(0) - M).abs().max() < MEAN_TOL
     assert (out.std(0) - S).abs().max() < 0.03
 
@@ -280,3 +282,18 @@ def test_bad_inputs_raise_clear_errors():
         with pytest.raises(ValueError, match=pattern) as info:
             call()
         assert "\n" not in str(info.value)
+
+
+def test_each_denoised_estimate_is_clamped_before_the_projection() -> None:
+    """The reference's editing clamps D to [-1, 1] first; known pixels stay y's exactly."""
+
+    def loud(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 5.0 * x
+
+    y = torch.rand(1, 3, 8, 8) * 2 - 1
+    missing = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    missing[..., 2:6, 2:6] = True
+    out = editing.inpaint(loud, y, missing, TS, generator=gen(7))
+    assert out.abs().max() <= 1.0 and torch.equal(out[..., ~missing[0, 0]], y[..., ~missing[0, 0]])
+    free = editing.inpaint(loud, y, missing, TS, generator=gen(7), clip=None)
+    assert free.abs().max() > 1.0

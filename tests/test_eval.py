@@ -211,7 +211,7 @@ def test_sub_batched_sampling_gives_the_same_features(digits16: str, digits_mode
             sizes.append(x.shape[0])
             return model(x, t)
 
-        featurizer.use_model(counted, featurizer.train_cfg)
+        featurizer.use_model(counted, featurizer.model_cfg)
         return featurizer.samples(SampleTask(3, 40, taus=(5.0,), keep_images=40)), sizes
 
     (whole, whole_calls), (split, split_calls) = features(250), features(16)

@@ -52,7 +52,7 @@ def test_training_reports_the_figure_at_quality_every(digits16: str, tmp_path: P
     from test_train import tiny_config
 
     from cmray.eval.quality import QualityProbe
-    from cmray.train.loop import load_model
+    from cmray.models import load_model
 
     data = _digits_copy(digits16, tmp_path)
     cfg = tiny_config(data, steps=4, checkpoint_every=4, log_every=1)
@@ -64,8 +64,8 @@ def test_training_reports_the_figure_at_quality_every(digits16: str, tmp_path: P
     assert (Path(data) / "ref-stats-digits.pt").exists()  # made before training started
 
     # The same model and noise give the same figure, and the model's mode is left alone.
-    model, train_cfg = load_model(str(tmp_path / "run" / "checkpoints"))
+    model, model_cfg = load_model(str(tmp_path / "run" / "checkpoints"))
     probe = QualityProbe(cfg.quality, data, torch.device("cpu"))
     model.train()
-    first = probe(model, train_cfg)["fd_digits"]
-    assert model.training and probe(model, train_cfg)["fd_digits"] == first
+    first = probe(model, model_cfg)["fd_digits"]
+    assert model.training and probe(model, model_cfg)["fd_digits"] == first

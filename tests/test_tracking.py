@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from cmray.cli import main
-from cmray.train.loop import load_model, run_local
+from cmray.models import load_model
+from cmray.train.loop import run_local
 
 pytestmark = pytest.mark.slow
 
@@ -139,3 +140,18 @@ def test_cd_takes_its_teacher_from_the_registry(
     trainer = run_local(cd, tmp_path / "cd", log=lambda _: None)
     assert trainer.state.step == 2
     assert trainer.objective.teacher.training is False  # the fetched teacher is frozen
+
+
+def test_a_model_the_registry_lacks_is_one_line(
+    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    for source in ("models:/nope@champion", "runs:/0123abc/model"):
+        assert main(["sample", "--model", source, "--out", str(tmp_path / "x.png")]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"sample error: {source}: "), line
+    dst = tmp_path / "fetched"
+    assert main(["fetch", "--model", "models:/nope@champion", "--out", str(dst)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("fetch error: models:/nope@champion: ") and "nope" in line
+    assert not dst.exists()  # nothing left behind

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cmray.models import load_model
 from cmray.storage import url_to_fs
-from cmray.train.loop import load_model
 from cmray.train.worker import launch
 
 pytestmark = pytest.mark.slow

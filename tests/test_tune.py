@@ -127,8 +127,7 @@ def test_concurrency_follows_the_cluster() -> None:
 
 @pytest.mark.parametrize("method", ["ct", "cd"])
 def test_a_student_resumed_from_its_state_continues_exactly(method: str) -> None:
-    from cmray.experiments.toy2d import ring_of
-    from cmray.train.toy import Student, make_teacher
+    from cmray.train.toy import Student, make_teacher, ring_of
     from cmray.train.toy_config import Toy2DConfig
 
     torch.set_num_threads(1)

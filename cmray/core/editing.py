@@ -22,6 +22,10 @@ ConsistencyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # ITU-R BT.601 luma weights; they sum to 1, so a grey pixel (g, g, g) has luminance g.
 LUMA = (0.299, 0.587, 0.114)
+Clip = tuple[float, float] | None
+# Each denoised estimate is clamped to the data range before the projection, as in the
+# reference's editing functions; None turns that off.
+CLIP: Clip = (-1.0, 1.0)
 
 
 class LinearTransform(Protocol):
@@ -130,6 +134,7 @@ def edit(
     ts: Sequence[float],
     eps: float = 0.002,
     generator: torch.Generator | None = None,
+    clip: Clip = CLIP,
 ) -> torch.Tensor:
     """Paper Algorithm 4: multistep consistency sampling with (1 - Omega) A x = (1 - Omega) A y.
 
@@ -142,7 +147,7 @@ def edit(
     Ay = A.forward(y)
     mask = _check_omega(omega, Ay)
     Ay = torch.where(mask, torch.zeros_like(Ay), Ay)
-    return _constrained_sampling(f, A.inverse(Ay), Ay, A, mask, times, eps, generator)
+    return _constrained_sampling(f, A.inverse(Ay), Ay, A, mask, times, eps, generator, clip)
 
 
 def _constrained_sampling(
@@ -154,12 +159,15 @@ def _constrained_sampling(
     times: list[float],
     eps: float,
     generator: torch.Generator | None,
+    clip: Clip,
 ) -> torch.Tensor:
     for n, t in enumerate(times):
         # The start is noised to t_1 in full; later steps add only what lifts eps up to t_n.
         std = t if n == 0 else math.sqrt(t**2 - eps**2)
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         x = f(x + std * noise, _full(x, t))
+        if clip is not None:  # as the reference's editing functions, before the projection
+            x = x.clamp(*clip)
         # torch.where, not Ay * (1 - Omega) + Ax * Omega: a kept coordinate must not depend on
         # the network output at all, even if that output is inf or NaN.
         x = A.inverse(torch.where(mask, A.forward(x), Ay))
@@ -173,6 +181,7 @@ def inpaint(
     ts: Sequence[float],
     eps: float = 0.002,
     generator: torch.Generator | None = None,
+    clip: Clip = CLIP,
 ) -> torch.Tensor:
     """Paper Sec. 6.3, inpainting: Algorithm 4 with A = I and Omega = ``missing``.
 
@@ -184,7 +193,7 @@ def inpaint(
     m0, m1, mh, mw = missing.shape
     if m0 not in (1, B) or m1 not in (1, C) or (mh, mw) != (H, W):
         raise ValueError(f"missing {tuple(missing.shape)}: must be [1 or {B}, 1 or {C}, {H}, {W}]")
-    return edit(f, y, IdentityTransform(), missing, ts, eps, generator)
+    return edit(f, y, IdentityTransform(), missing, ts, eps, generator, clip)
 
 
 def colorize(
@@ -193,6 +202,7 @@ def colorize(
     ts: Sequence[float],
     eps: float = 0.002,
     generator: torch.Generator | None = None,
+    clip: Clip = CLIP,
 ) -> torch.Tensor:
     """Paper Sec. 6.3, colorization: Algorithm 4 with A = ColorTransform, chroma generated.
 
@@ -205,7 +215,7 @@ def colorize(
         raise ValueError(f"gray has {C} channels: must have 1 or 3")
     y = gray.expand(B, 3, H, W) if C == 1 else gray
     omega = torch.tensor([False, True, True]).reshape(1, 3, 1, 1)
-    return edit(f, y, ColorTransform(), omega, ts, eps, generator)
+    return edit(f, y, ColorTransform(), omega, ts, eps, generator, clip)
 
 
 def super_resolve(
@@ -215,6 +225,7 @@ def super_resolve(
     ts: Sequence[float],
     eps: float = 0.002,
     generator: torch.Generator | None = None,
+    clip: Clip = CLIP,
 ) -> torch.Tensor:
     """Paper Sec. 6.3, super-resolution: Algorithm 4 with A = PatchMeanTransform(factor).
 
@@ -225,7 +236,7 @@ def super_resolve(
     _, C, _, _ = _check_image(low_res, "low_res")
     A = PatchMeanTransform(factor)
     y = low_res.repeat_interleave(A.p, dim=2).repeat_interleave(A.p, dim=3)
-    return edit(f, y, A, A.omega(C), ts, eps, generator)
+    return edit(f, y, A, A.omega(C), ts, eps, generator, clip)
 
 
 @torch.no_grad()
@@ -235,6 +246,7 @@ def stroke_guided(
     ts: Sequence[float],
     eps: float = 0.002,
     generator: torch.Generator | None = None,
+    clip: Clip = CLIP,
 ) -> torch.Tensor:
     """Paper Sec. 6.3, stroke-guided generation (SDEdit): Algorithm 4 with A = I, Omega = 1.
 
@@ -245,7 +257,7 @@ def stroke_guided(
     times = _check_ts(ts, eps)
     mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=strokes.device)
     A = IdentityTransform()  # Omega = 1 everywhere: the projection keeps nothing
-    return _constrained_sampling(f, strokes, strokes, A, mask, times, eps, generator)
+    return _constrained_sampling(f, strokes, strokes, A, mask, times, eps, generator, clip)
 
 
 @torch.no_grad()

@@ -96,11 +96,15 @@ class ConsistencyFunction(nn.Module):
         self.net = net
         self.parametrization = parametrization
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         t = per_sample(t, x)
         skip, out, inp = self.parametrization.scalings(t)
         cond = self.parametrization.noise_cond(t.reshape(-1))
-        return skip * x + out * self.net(inp * x, cond)
+        # Only class-conditional networks take labels; the rest keep F(x, c_noise).
+        labels = {} if class_labels is None else {"class_labels": class_labels}
+        return skip * x + out * self.net(inp * x, cond, **labels)
 
 
 class ScoreDenoiser(nn.Module):

@@ -7,13 +7,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cmray.config import ConfigError, param
+from cmray.models import MODEL_BATCH
 
 # The Frechet figure each feature network gives: FID is only ever Inception's.
 FRECHET_NAMES = {"inception": "fid", "digits": "fd_digits"}
-
-
-# Images per network call when sampling: a 256x256 ADM forward holds about 0.6 GiB per image.
-MODEL_BATCH = 16
 
 
 @dataclass

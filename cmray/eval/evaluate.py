@@ -37,8 +37,8 @@ from cmray.eval.reference import (
 from cmray.eval.runner import Runner
 from cmray.eval.scores import inception_score, precision_recall
 from cmray.eval.search import greedy_indices
+from cmray.models import ModelConfig
 from cmray.storage import join_url, write_bytes_atomic
-from cmray.train.config import TrainConfig
 
 Log = Callable[[str], None]
 GRID_IMAGES = 32  # per sampler
@@ -120,29 +120,26 @@ def figures(samples: Samples, ref: RefStats, names: dict[str, str], k: int) -> d
     }
 
 
-def grid_size(cfg: EvalConfig, train: TrainConfig) -> int:
-    """N of the Karras grid the taus index: configured, else the run's CD N or CT's s1 + 1."""
+def grid_size(cfg: EvalConfig, model: ModelConfig) -> int:
+    """N of the Karras grid the taus index: configured, else the model's (CD's N, CT's s1 + 1)."""
     if cfg.sampling.N:
         return cfg.sampling.N
-    obj = train.objective
-    if obj.kind == "cd":
-        return obj.cd.N
-    if obj.kind == "ct":
-        return obj.ct.s1 + 1
+    if model.is_consistency and model.N:
+        return model.N
     raise ValueError(f"{cfg.model} is an EDM teacher, not a consistency model; evaluate CD/CT runs")
 
 
 class Evaluation:
     """One evaluation's state: runner, reference, the model's config and the figure names."""
 
-    def __init__(self, runner: Runner, cfg: EvalConfig, ref: RefStats, train: TrainConfig):
-        self.runner, self.cfg, self.ref, self.train = runner, cfg, ref, train
+    def __init__(self, runner: Runner, cfg: EvalConfig, ref: RefStats, model: ModelConfig):
+        self.runner, self.cfg, self.ref, self.model = runner, cfg, ref, model
         identity = runner.identity()
         self.names = {"frechet": identity["frechet"], "score": identity["score"]}
-        self.N = grid_size(cfg, train)
+        self.N = grid_size(cfg, model)
 
     def taus(self, indices: tuple[int, ...]) -> tuple[float, ...]:
-        noise = self.train.objective.noise
+        noise = self.model.noise
         args = (indices, self.N, noise.sigma_min, noise.sigma_max, noise.rho)
         return tuple(taus_from_indices(*args))
 
@@ -187,7 +184,7 @@ def evaluate(cfg: EvalConfig, log: Log = print) -> dict[str, Any]:
     manifest = read_manifest(cfg.manifest)
     with Runner(cfg, with_model=True) as runner:
         ref = reference_stats(runner, cfg, manifest, log)
-        ev = Evaluation(runner, cfg, ref, from_dict(TrainConfig, runner.model_config()))
+        ev = Evaluation(runner, cfg, ref, from_dict(ModelConfig, runner.model_config()))
         results, grids, search = [], [], None
         plans: list[tuple[int, ...]] = [(0, ev.N - 1)]
         if cfg.sampling.steps > 1:
@@ -249,13 +246,16 @@ def preflight(cfg: EvalConfig, with_model: bool) -> None:
     (no RAY_ADDRESS); on a cluster each worker stages them and names a missing file itself.
     """
     from cmray.eval.features import stage_inception
+    from cmray.models import locate_model
+    from cmray.models.files import resolve_source
     from cmray.storage import url_to_fs
-    from cmray.train.loop import checkpoint_state
     from cmray.weights import WeightsNotFoundError
 
     read_manifest(cfg.manifest)
     if with_model:
-        checkpoint_state(cfg.model)
+        import cmray.tracking  # noqa: F401 - registers MLflow model URIs as model sources
+
+        locate_model(resolve_source(cfg.model))
     if cfg.weights:
         fs, path = url_to_fs(cfg.weights)
         if not fs.isfile(path):

@@ -18,11 +18,12 @@ from torch import nn
 
 from cmray.config import to_dict
 from cmray.core.sampling import in_batches, sample_multistep
+from cmray.core.seeds import rank_seed
 from cmray.data.manifest import read_manifest
 from cmray.data.stream import shard_batches
 from cmray.eval.config import EvalConfig
 from cmray.eval.features import load_feature_net, weights_fingerprint
-from cmray.train.loop import load_model, rank_seed
+from cmray.models import ModelConfig, load_model
 
 
 @dataclass(frozen=True)
@@ -94,14 +95,17 @@ class Featurizer:
         if threads is not None and not cuda:
             torch.set_num_threads(threads)
         self.net = load_feature_net(cfg.features, cfg.weights).to(self.device)
-        self.model, self.train_cfg = None, None
+        self.model: nn.Module | None = None
+        self.model_cfg: ModelConfig | None = None
         if with_model:
-            self.model, self.train_cfg = load_model(cfg.model, self.device)
+            import cmray.tracking  # noqa: F401 - registers MLflow model URIs as model sources
+
+            self.model, self.model_cfg = load_model(cfg.model, self.device)
         self.manifest = read_manifest(cfg.manifest)
 
-    def use_model(self, model: nn.Module, train_cfg: Any) -> None:
-        """Sample from ``model`` (trained with ``train_cfg``), e.g. the one a run is training."""
-        self.model, self.train_cfg = model, train_cfg
+    def use_model(self, model: nn.Module, model_cfg: ModelConfig) -> None:
+        """Sample from ``model`` (described by ``model_cfg``), e.g. the one a run is training."""
+        self.model, self.model_cfg = model, model_cfg
 
     def identity(self) -> dict[str, str]:
         """Which feature network this is (kind, weights fingerprint) and its figures' names."""
@@ -114,10 +118,10 @@ class Featurizer:
         }
 
     def model_config(self) -> dict[str, Any]:
-        """The evaluated run's resolved training config (its noise range and schedule)."""
-        if self.train_cfg is None:
+        """The evaluated model's config (its kind, noise range and grid), as a dict."""
+        if self.model_cfg is None:
             raise RuntimeError("this featurizer was built without a model")
-        return to_dict(self.train_cfg)
+        return to_dict(self.model_cfg)
 
     @torch.no_grad()
     def featurize(self, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -134,9 +138,9 @@ class Featurizer:
 
     @torch.no_grad()
     def samples(self, task: SampleTask) -> dict[str, torch.Tensor]:
-        if self.model is None or self.train_cfg is None:
+        if self.model is None or self.model_cfg is None:
             raise RuntimeError("this featurizer was built without a model")
-        net, noise = self.train_cfg.net, self.train_cfg.objective.noise
+        net, noise = self.model_cfg.net, self.model_cfg.noise
         shape = (task.count, net.in_channels, net.resolution, net.resolution)
         z, steps = chunk_noise(self.cfg.seed, task.chunk, shape)
         x = sample_multistep(

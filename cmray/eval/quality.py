@@ -9,7 +9,6 @@ those statistics exist before any worker starts (:func:`ensure_ref_stats`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +18,7 @@ from cmray.eval.evaluate import chunks, compute_ref_stats
 from cmray.eval.featurizer import Featurizer, SampleTask
 from cmray.eval.frechet import RunningGaussian, frechet_distance
 from cmray.eval.reference import RefStats, load_ref_stats, ref_stats_url
+from cmray.models import ModelConfig
 
 
 def _eval_config(cfg: QualityConfig, manifest: str, workers: int, use_gpu: bool) -> EvalConfig:
@@ -66,11 +66,11 @@ class QualityProbe:
         self.name: str = self.featurizer.net.frechet_name
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, train_cfg: Any) -> dict[str, float]:
+    def __call__(self, model: nn.Module, model_cfg: ModelConfig) -> dict[str, float]:
         """``{name: Frechet distance}`` of ``quality.num_samples`` one-step samples."""
         was_training = model.training
         model.eval()
-        self.featurizer.use_model(model, train_cfg)
+        self.featurizer.use_model(model, model_cfg)
         gaussian = RunningGaussian()
         for chunk, count in chunks(self.cfg.num_samples, self.cfg.batch_size):
             gaussian.add(self.featurizer.samples(SampleTask(chunk, count))["pool"])

@@ -53,9 +53,12 @@ def run_edit(
     factor: int,
     sigma: float,
     seed: int,
+    clip: bool = True,
 ) -> torch.Tensor:
-    """The side-by-side panel image for one task, in [-1, 1]."""
+    """The side-by-side panel image for one task, in [-1, 1]; ``clip`` clamps each denoised
+    estimate before the projection (Algorithm 4 as the reference runs it)."""
     g = torch.Generator().manual_seed(seed)
+    kw = {"generator": g, "clip": editing.CLIP if clip else None}
     ts = list(sigmas)
     if task == "interpolate":
         z1, z2 = (torch.randn(1, 3, resolution, resolution, generator=g) for _ in range(2))
@@ -69,17 +72,17 @@ def run_edit(
         if mask is None:
             raise ValueError("task 'inpaint' needs --mask (white = the region to fill)")
         missing = read_mask(mask, resolution)
-        result = editing.inpaint(f, x, missing, ts, generator=g)
+        result = editing.inpaint(f, x, missing, ts, **kw)
         return side_by_side([x, x * (1 - missing), result])  # the hole shows mid-grey
     if task == "colorize":
         gray = read_image(image, resolution, "L")
-        return side_by_side([x, gray, editing.colorize(f, gray, ts, generator=g)])
+        return side_by_side([x, gray, editing.colorize(f, gray, ts, **kw)])
     if task == "super_resolution":
         low = torch.nn.functional.avg_pool2d(x, factor)
         shown = torch.nn.functional.interpolate(low, scale_factor=factor, mode="nearest")
-        return side_by_side([x, shown, editing.super_resolve(f, low, factor, ts, generator=g)])
+        return side_by_side([x, shown, editing.super_resolve(f, low, factor, ts, **kw)])
     if task == "stroke":
-        return side_by_side([x, editing.stroke_guided(f, x, ts, generator=g)])
+        return side_by_side([x, editing.stroke_guided(f, x, ts, **kw)])
     if task == "denoise":
         noisy = x + sigma * torch.randn(x.shape, generator=g)
         return side_by_side([x, noisy.clamp(-1, 1), editing.denoise(f, noisy, sigma)])

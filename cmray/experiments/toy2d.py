@@ -19,7 +19,6 @@ from cmray.config import save_config, to_dict
 from cmray.core.parametrization import ConsistencyFunction
 from cmray.core.sampling import sample_multistep, sample_onestep, sample_teacher_ode
 from cmray.core.schedules import karras_sigmas
-from cmray.data.toy import RingMixture
 from cmray.eval import plots
 from cmray.eval.toy import evaluate_sampler, format_table
 from cmray.train import toy
@@ -38,23 +37,12 @@ class ToyModels:
     ct: ConsistencyFunction
 
 
-def ring_of(cfg: Toy2DConfig) -> RingMixture:
-    return RingMixture(cfg.ring.modes, cfg.ring.radius, cfg.ring.std)
-
-
-def training_data(cfg: Toy2DConfig) -> tuple[torch.Tensor, torch.Generator]:
-    """The fixed training set, and the generator (seeded by ``cfg.seed``) that drew it and
-    goes on to draw every batch and noise of the run."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    return ring_of(cfg).sample(cfg.ring.train_points, generator), generator
-
-
 def train_teacher(
     cfg: Toy2DConfig, log: Log | None = None
 ) -> tuple[torch.nn.Module, torch.Tensor, torch.Generator]:
     """The run's diffusion teacher, with the training set and the generator the students that
     follow it in the same run go on with."""
-    data, generator = training_data(cfg)
+    data, generator = toy.training_data(cfg)
     torch.manual_seed(cfg.seed)  # network initialisation
     return toy.train_teacher(cfg, data, generator, log), data, generator
 
@@ -89,7 +77,7 @@ def evaluate(
     cfg: Toy2DConfig, models: ToyModels, repeats: int = 5
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Score every sampler on the same noise against fresh reference draws (median wall time)."""
-    ring = ring_of(cfg)
+    ring = toy.ring_of(cfg)
     reference = ring.sample(cfg.eval.reference_samples, torch.Generator().manual_seed(cfg.seed + 1))
     z = torch.randn(cfg.eval.num_samples, 2, generator=torch.Generator().manual_seed(cfg.seed + 3))
     entries, samples = [], {}
@@ -102,7 +90,7 @@ def evaluate(
 
 def write_figures(cfg: Toy2DConfig, models: ToyModels, samples: dict, out: Path) -> list[Path]:
     """Figs. 7-10 of the tutorial as PNGs."""
-    ring, T = ring_of(cfg), cfg.noise.sigma_max
+    ring, T = toy.ring_of(cfg), cfg.noise.sigma_max
     data = ring.sample(2000, torch.Generator().manual_seed(cfg.seed + 4))
     lim = 1.6 * (cfg.ring.radius + 3 * cfg.ring.std)
     z = torch.randn(cfg.eval.trajectories, 2, generator=torch.Generator().manual_seed(cfg.seed + 5))

@@ -7,10 +7,16 @@ multi-head self-attention at the coarse ones and skip connections from encoder t
 Presets (:data:`UNET_PRESETS`, built with :func:`unet_config`):
 
 * ``lsun256`` -- the reference LSUN 256 settings (about 5.3e8 parameters);
+* ``imagenet64`` -- the reference ImageNet 64 settings, class-conditional on 1000 classes;
 * ``tiny`` -- 32x32 with about 1.4e6 parameters, for CPU tests and smoke runs.
 
-Attention uses ``q | k | v`` chunks of one linear layer (heads split inside each chunk), not
-the head-interleaved layout of OpenAI's checkpoints; converting those needs a permutation.
+Attention uses ``q | k | v`` chunks of one linear layer, heads split inside each chunk: the
+layout of openai/consistency_models' flash attention (``b (three h d) s``), which its released
+checkpoints were trained with, and of diffusers' conversion (``qkv.chunk(3)``), so imported
+weights need no permutation (``cmray.models.openai``).
+
+A class-conditional net (``num_classes`` > 0) adds a learned label embedding to the time
+embedding, as ADM does.
 """
 
 from __future__ import annotations
@@ -56,6 +62,9 @@ class UNetConfig:
     )
     use_checkpoint: bool = param(
         False, help="recompute block activations in backward to save memory"
+    )
+    num_classes: int = param(
+        0, help="class-conditional with this many classes (0: unconditional)", ge=0
     )
 
     def __post_init__(self) -> None:
@@ -119,6 +128,18 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         "dropout": 0.0,
         "resblock_updown": True,
         "use_scale_shift_norm": False,
+    },
+    "imagenet64": {
+        "resolution": 64,
+        "model_channels": 192,
+        "channel_mult": [1, 2, 3, 4],
+        "num_res_blocks": 3,
+        "attention_resolutions": [32, 16, 8],
+        "num_head_channels": 64,
+        "dropout": 0.0,
+        "resblock_updown": True,
+        "use_scale_shift_norm": True,
+        "num_classes": 1000,
     },
     "tiny": {
         "resolution": 32,
@@ -245,7 +266,7 @@ class AttentionBlock(Block):
             for t in self.qkv(tokens).chunk(3, dim=-1)
         )
         h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-        h = self.proj(h).transpose(1, 2).reshape(b, c, hgt, wid)
+        h = self.proj(h).transpose(1, 2).contiguous().view(b, c, hgt, wid)
         return x + h.to(x.dtype)
 
 
@@ -278,6 +299,8 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
+        if cfg.num_classes:
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
         self.input_conv = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
         # Each unit of `down` emits one skip tensor; `up` units consume them in reverse.
         self.down, self.up = nn.ModuleList(), nn.ModuleList()
@@ -320,11 +343,19 @@ class UNet(nn.Module):
             return ResBlock(self.cfg, ch, ch, emb_dim, direction)
         return Resample(ch, direction)
 
-    def forward(self, x: torch.Tensor, noise_cond: torch.Tensor) -> torch.Tensor:
-        """x: [B, in_channels, R, R]; noise_cond: [B] (or a scalar), e.g. 250 * ln(sigma)."""
+    def forward(
+        self, x: torch.Tensor, noise_cond: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: [B, in_channels, R, R]; noise_cond: [B] (or a scalar), e.g. 250 * ln(sigma);
+        class_labels: [B] integers, given exactly when the net is class-conditional."""
+        if (class_labels is None) != (self.cfg.num_classes == 0):
+            need = f"labels of {self.cfg.num_classes} classes" if self.cfg.num_classes else "none"
+            raise ValueError(f"class_labels: this U-Net takes {need}")
         cond = noise_cond.reshape(-1).expand(x.shape[0])
         freq = timestep_embedding(cond, self.cfg.model_channels)
         emb = self.time_embed(freq.to(self.time_embed[0].weight.dtype))
+        if class_labels is not None:
+            emb = emb + self.label_emb(class_labels.reshape(-1)).to(emb.dtype)
         h = self.input_conv(x)
         skips = [h]
         for unit in self.down:

@@ -7,7 +7,12 @@ failure is warned about once, later calls keep trying, and training goes on rega
 
 from __future__ import annotations
 
+from cmray.models import register_resolver
 from cmray.tracking.config import TrackingConfig
+from cmray.tracking.sources import mlflow_source
 from cmray.tracking.tracker import Tracker, resolve_tracking_uri
+
+# Every model reader (cmray.models.load_model) accepts models:/ and runs:/ URIs from here on.
+register_resolver(mlflow_source)
 
 __all__ = ["Tracker", "TrackingConfig", "resolve_tracking_uri"]

@@ -8,6 +8,7 @@ unpickles weights. ``predict`` maps unit noise z [B, C, H, W] to one-step sample
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ class ConsistencyPyfunc(mlflow.pyfunc.PythonModel):
     """One-step generation, x = f(T z, T), for MLflow serving and ``mlflow.pyfunc.load_model``."""
 
     def load_context(self, context: Any) -> None:
-        from cmray.train.loop import load_model
+        from cmray.models import load_model
 
         self.model, self.cfg = load_model(context.artifacts[MODEL_ARTIFACT])
 
@@ -29,10 +30,10 @@ class ConsistencyPyfunc(mlflow.pyfunc.PythonModel):
         import torch
 
         from cmray.core.sampling import in_batches, sample_onestep
-        from cmray.eval.config import MODEL_BATCH
+        from cmray.models import MODEL_BATCH
 
         z = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-        sigma_max = self.cfg.objective.noise.sigma_max
+        sigma_max = self.cfg.noise.sigma_max
         f = in_batches(self.model, MODEL_BATCH)
         return sample_onestep(f, z, sigma_max, clip=(-1.0, 1.0)).x.numpy()
 
@@ -74,8 +75,26 @@ def set_alias(name: str, alias: str, version: str, tracking_uri: str | None = No
 
 def fetch_model(uri: str, dst: str | os.PathLike[str] | None = None) -> Path:
     """Download an MLflow model (``models:/NAME@ALIAS``, ``models:/NAME/3``, ``runs:/ID/model``)
-    and return the path of its cmray model file."""
-    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst))
+    and return the path of its cmray model file. The tracking store is the one set in this
+    process or $MLFLOW_TRACKING_URI, else cmray's local default (not MLflow's ./mlflow.db); a
+    failed download leaves no ``dst`` that it created behind."""
+    from cmray.tracking.tracker import resolve_tracking_uri
+
+    store = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else resolve_tracking_uri("")
+    db = store.removeprefix("sqlite:///")
+    if store.startswith("sqlite:///") and not Path(db).is_file():  # a lookup makes no store
+        raise FileNotFoundError(
+            f"no MLflow tracking store at {db}; set MLFLOW_TRACKING_URI to the one that holds it"
+        )
+    made = dst is not None and not Path(dst).exists()
+    try:
+        root = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=store)
+        )
+    except BaseException:
+        if made:
+            shutil.rmtree(dst, ignore_errors=True)
+        raise
     found = sorted(root.rglob("*.pt"))
     if not found:
         raise FileNotFoundError(f"{uri} holds no cmray model file (downloaded to {root})")

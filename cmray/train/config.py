@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from cmray.config import ConfigError, param
+from cmray.config import ConfigError, param, to_dict
 from cmray.data.config import StreamConfig
 from cmray.eval.config import QualityConfig
+from cmray.models.config import ModelConfig, NoiseConfig
 from cmray.nets.unet import UNetConfig
 from cmray.tracking.config import TrackingConfig
 from cmray.train.curriculum import CurriculumConfig
-from cmray.train.toy_config import NoiseConfig
 
 
 @dataclass
@@ -141,6 +141,10 @@ class TrainConfig:
     quality: QualityConfig = param(
         default_factory=QualityConfig, help="sample quality measured during training"
     )
+
+    def model_config(self) -> ModelConfig:
+        """The model this run trains, as every reader of its checkpoints and model file sees it."""
+        return ModelConfig.from_training(to_dict(self))
 
     def __post_init__(self) -> None:
         if not self.data.manifest:

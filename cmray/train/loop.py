@@ -6,30 +6,27 @@ in Ray's storage); ``run_local`` runs it in this process with checkpoints under 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import torch
 from torch import nn
 
-from cmray.config import from_dict, to_dict
+from cmray.config import to_dict
 from cmray.core import losses
 from cmray.core.ema import EMABank, frozen_copy
 from cmray.core.metrics import get_metric
 from cmray.core.parametrization import ConsistencyFunction
 from cmray.core.sampling import sample_onestep, sample_teacher_ode
+from cmray.core.seeds import rank_seed
 from cmray.data.stream import ShardStream
 from cmray.eval.images import grid_array
-from cmray.nets.unet import UNet, UNetConfig
-from cmray.storage import is_local, url_to_fs
-from cmray.tracking.config import is_mlflow_uri
+from cmray.models import build_model, load_model, write_model_file
 from cmray.train import state as ckpt
-from cmray.train.config import ObjectiveConfig, TrainConfig
+from cmray.train.config import TrainConfig
 from cmray.train.objectives import (
     CDObjective,
     CTObjective,
@@ -37,7 +34,6 @@ from cmray.train.objectives import (
     Generators,
     Objective,
     karras_grid,
-    parametrization,
 )
 from cmray.train.state import TrainState, data_position, unwrap
 from cmray.train.step import train_step
@@ -56,95 +52,21 @@ class Trainer:
     world_size: int = 1
 
 
-def rank_seed(seed: int, rank: int, purpose: str) -> int:
-    """A 63-bit seed for (seed, rank, purpose), so ranks draw independent noise."""
-    digest = hashlib.sha256(f"{seed}/{rank}/{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def make_generators(seed: int, rank: int, device: torch.device) -> dict[str, torch.Generator]:
     index = torch.Generator().manual_seed(rank_seed(seed, rank, "index"))
     noise = torch.Generator(device=device).manual_seed(rank_seed(seed, rank, "noise"))
     return {"index": index, "noise": noise}
 
 
-def build_net(cfg: TrainConfig, kind: str | None = None) -> ConsistencyFunction:
-    """f_theta (Eq. 5) around the U-Net, or the EDM denoiser D for kind "edm"."""
-    return consistency_net(cfg.net, cfg.objective, kind)
-
-
-def consistency_net(
-    net: UNetConfig, objective: ObjectiveConfig, kind: str | None = None
-) -> ConsistencyFunction:
-    """Eq. 5's f_theta around a U-Net with these settings, without a whole run's config."""
-    param = parametrization(kind or objective.kind, objective.noise, objective.sigma_data)
-    return ConsistencyFunction(UNet(net), param)
+def build_net(cfg: TrainConfig) -> ConsistencyFunction:
+    """f_theta (Eq. 5) around the U-Net, or the EDM denoiser D for an ``edm`` run."""
+    return build_model(cfg.model_config())
 
 
 def make_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
     optim = cfg.optim
     cls = torch.optim.RAdam if optim.name == "radam" else torch.optim.Adam
     return cls(params, lr=optim.lr, weight_decay=optim.weight_decay)
-
-
-def checkpoint_state(source: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Where the state file of ``source`` is: a checkpoint (path or URL) or a local run
-    directory's newest complete checkpoint. FileNotFoundError names what was looked for."""
-    fs, path = url_to_fs(source.rstrip("/") + "/" + ckpt.STATE_FILE)
-    if not fs.exists(path) and "://" not in source:  # a local run directory: its newest
-        newest = ckpt.latest_checkpoint(source)
-        if newest is not None:
-            fs, path = url_to_fs(str(newest / ckpt.STATE_FILE))
-    if not fs.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {source} (looked for {path})")
-    return fs, path
-
-
-MODEL_FORMAT = "cmray-model/1"
-
-
-def read_checkpoint_file(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
-    """A saved state or model file. A local file is memory-mapped so that only the tensors
-    used are read: an EDM teacher's checkpoint holds the online and EMA nets and the
-    optimizer's two moments, about 8 GB at 256x256, of which sampling needs one EMA copy."""
-    if is_local(fs):
-        try:
-            return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-        except (OSError, RuntimeError):  # a mount that cannot map files (some FUSE): read it
-            pass
-    with fs.open(path, "rb") as fh:
-        return torch.load(fh, weights_only=True, map_location="cpu")
-
-
-def load_model(source: str, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig]:
-    """A run's sampling model and its training config, from any of:
-
-    - a checkpoint directory or URL (its first EMA copy), or a local run directory (its newest
-      complete checkpoint);
-    - a model file written by :func:`save_model_file`;
-    - an MLflow model URI (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/ID/model``).
-
-    The network is rebuilt from the saved config: f_theta for CD/CT runs, D for EDM teachers.
-    """
-    if is_mlflow_uri(source):
-        from cmray.tracking.models import fetch_model
-
-        source = str(fetch_model(source))
-    if source.endswith(".pt"):
-        fs, path = url_to_fs(source)
-    else:
-        fs, path = checkpoint_state(source)
-    data = read_checkpoint_file(fs, path)
-    cfg = from_dict(TrainConfig, data["config"])
-    if data.get("format") == MODEL_FORMAT:
-        weights = data["weights"]
-    elif cfg.loop.ema_rates:
-        weights = EMABank.copy_state(data["ema"])
-    else:
-        weights = data["online"]
-    net = build_net(cfg)
-    net.load_state_dict(weights)
-    return net.requires_grad_(False).to(device).eval(), cfg
 
 
 def sampling_model(trainer: Trainer) -> nn.Module:
@@ -154,25 +76,19 @@ def sampling_model(trainer: Trainer) -> nn.Module:
 
 
 def save_model_file(trainer: Trainer, path: str | Path) -> Path:
-    """The sampling model and the resolved config in one file, for MLflow and ``cmray fetch``."""
-    data = {
-        "format": MODEL_FORMAT,
-        "config": to_dict(trainer.cfg),
-        "weights": sampling_model(trainer).state_dict(),
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(data, path)
-    return path
+    """The sampling model, its config and the run's config in one file (MLflow, ``cmray fetch``)."""
+    cfg = trainer.cfg
+    weights = sampling_model(trainer).state_dict()
+    return write_model_file(path, cfg.model_config(), weights, training=to_dict(cfg))
 
 
 def load_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The EDM denoiser D from a teacher run's checkpoint, frozen."""
-    teacher, teacher_cfg = load_model(cfg.objective.cd.teacher, device)
-    if teacher_cfg.objective.kind != "edm":
-        raise ValueError(
-            f"{cfg.objective.cd.teacher} is a {teacher_cfg.objective.kind} run, not an EDM teacher"
-        )
+    """The EDM denoiser D from any model source (a teacher run, an imported model), frozen."""
+    import cmray.tracking  # noqa: F401 - registers MLflow model URIs as model sources
+
+    teacher, model = load_model(cfg.objective.cd.teacher, device)
+    if model.kind != "edm":
+        raise ValueError(f"{cfg.objective.cd.teacher} is a {model.kind} model, not an EDM teacher")
     return teacher
 
 
@@ -232,7 +148,7 @@ def quality_hook(trainer: Trainer) -> Callable[[], dict[str, float]] | None:
     from cmray.eval.quality import QualityProbe  # the feature network, only when asked for
 
     probe = QualityProbe(cfg.quality, cfg.data.manifest, trainer.device)
-    return lambda: probe(sampling_model(trainer), cfg)
+    return lambda: probe(sampling_model(trainer), cfg.model_config())
 
 
 @torch.no_grad()
@@ -246,7 +162,8 @@ def sample_grid(trainer: Trainer, count: int, seed: int = 0) -> torch.Tensor:
     was_training = model.training
     model.eval()
     if cfg.objective.kind == "edm":  # a teacher: EDM's 18-point Heun solve (35 NFE)
-        x = sample_teacher_ode(model, z, karras_grid(cfg.objective.noise, 18), "heun").x
+        grid = karras_grid(cfg.objective.noise, 18)
+        x = sample_teacher_ode(model, z, grid, "heun", to_zero=True).x
     else:
         x = sample_onestep(model, z, cfg.objective.noise.sigma_max).x
     model.train(was_training)

@@ -14,10 +14,9 @@ from torch import nn
 
 from cmray.core import losses, schedules
 from cmray.core.metrics import Metric
-from cmray.core.parametrization import Parametrization
+from cmray.models.config import NoiseConfig
 from cmray.train.config import CDConfig, CTConfig, EDMConfig
 from cmray.train.curriculum import ct_curriculum, ct_indices
-from cmray.train.toy_config import NoiseConfig
 
 
 @dataclass
@@ -127,9 +126,3 @@ class EDMObjective:
 
     def schedule(self, k: int) -> dict[str, float]:
         return {}
-
-
-def parametrization(kind: str, noise: NoiseConfig, sigma_data: float) -> Parametrization:
-    """Appendix C scalings for f_theta; sigma_min = 0 gives the EDM denoiser D (teacher)."""
-    sigma_min = 0.0 if kind == "edm" else noise.sigma_min
-    return Parametrization("edm", sigma_data, sigma_min, noise.sigma_max)

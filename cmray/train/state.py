@@ -1,15 +1,9 @@
 """Everything a run needs to continue, and its one save/load pair (edm2's ``CheckpointIO`` idea).
 
-A checkpoint is a directory:
-
-    state.pt             rank 0: online, target, EMA copies, optimizer, loss scaler, step, config
-    rng-rank<r>.pt       each rank: CPU/CUDA generator states and the run's own generators
-    complete-rank<r>.json  each rank, written after its files: their names and byte sizes
-
-It is complete only when every rank's marker is present and every file it lists has the listed
-size, so an upload cut short is never loaded. Files hold tensors and plain containers only,
-and are read with ``torch.load(weights_only=True)``. The data position is not stored: it is a
-function of the step (``data_position``), as the shuffle order is of (seed, rank, epoch).
+The checkpoint directory's layout, and how a complete one is recognised, are the model layer's
+(``cmray.models.checkpoints``): evaluation and sampling read checkpoints too. The data position
+is not stored: it is a function of the step (``data_position``), as the shuffle order is of
+(seed, rank, epoch).
 """
 
 from __future__ import annotations
@@ -18,7 +12,6 @@ import json
 import logging
 import os
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,17 +20,17 @@ import torch
 from torch import nn
 
 from cmray.core.ema import EMABank
+from cmray.models.checkpoints import (  # noqa: F401 - the layout, re-exported for writers
+    CHECKPOINT_DIR,
+    STATE_FILE,
+    IncompleteCheckpointError,
+    checkpoint_name,
+    latest_checkpoint,
+    verify_checkpoint,
+)
 from cmray.storage import local_temp_beside
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "state.pt"
-# Ours (``run_local``) and Ray Train's (``checkpoint_<timestamp>``) checkpoint directories.
-CHECKPOINT_DIR = re.compile(r"^(step-\d{9}|checkpoint_.+)$")
-
-
-class IncompleteCheckpointError(RuntimeError):
-    """A checkpoint directory without every completion marker, or with a file cut short."""
 
 
 @dataclass
@@ -150,24 +143,6 @@ def save_checkpoint(
     return directory
 
 
-def verify_checkpoint(directory: str | os.PathLike[str]) -> int:
-    """The checkpoint's step if it is complete; ``IncompleteCheckpointError`` otherwise."""
-    directory = Path(directory)
-    first = directory / "complete-rank0.json"
-    if not first.is_file():
-        raise IncompleteCheckpointError(f"{directory} has no completion marker; not loading it")
-    world = json.loads(first.read_text())["world_size"]
-    for rank in range(world):
-        marker_path = directory / f"complete-rank{rank}.json"
-        if not marker_path.is_file():
-            raise IncompleteCheckpointError(f"{directory} lacks rank {rank}'s marker")
-        for name, size in json.loads(marker_path.read_text())["files"].items():
-            path = directory / name
-            if not path.is_file() or path.stat().st_size != size:
-                raise IncompleteCheckpointError(f"{path} is missing or not {size} bytes")
-    return json.loads(first.read_text())["step"]
-
-
 def load_checkpoint(state: TrainState, directory: str | os.PathLike[str], rank: int) -> int:
     """Restore ``state`` from a complete checkpoint; returns its step."""
     directory = Path(directory)
@@ -177,28 +152,3 @@ def load_checkpoint(state: TrainState, directory: str | os.PathLike[str], rank: 
     if rng_file.is_file():  # absent when resuming on more ranks than saved: fresh generators
         state.load_rank(torch.load(rng_file, weights_only=True))
     return step
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:09d}"
-
-
-def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
-    """The complete checkpoint with the highest step under ``root`` (a run directory).
-
-    Incomplete ones (a marker or a file missing, a file cut short) are passed over.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    best: tuple[int, Path] | None = None
-    for path in root.iterdir():
-        if not (path.is_dir() and CHECKPOINT_DIR.match(path.name)):
-            continue
-        try:
-            step = verify_checkpoint(path)
-        except IncompleteCheckpointError:
-            continue
-        if best is None or step > best[0]:
-            best = (step, path)
-    return None if best is None else best[1]

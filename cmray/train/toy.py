@@ -72,7 +72,7 @@ def build_net(cfg: NetConfig, log_time: bool) -> ToyMLP:
 
 def parametrization(kind: str, cfg: Toy2DConfig, sigma_min: float | None = None) -> Parametrization:
     """Scalings on the run's noise range, with sigma_data taken from the ring itself."""
-    ring = RingMixture(cfg.ring.modes, cfg.ring.radius, cfg.ring.std)
+    ring = ring_of(cfg)
     eps = cfg.noise.sigma_min if sigma_min is None else sigma_min
     return Parametrization(kind, ring.sigma_data(), eps, cfg.noise.sigma_max)  # type: ignore[arg-type]
 
@@ -284,3 +284,14 @@ class Student:
         self.target.load_state_dict(state["target"])
         self.opt.load_state_dict(state["opt"])
         self.step = int(state["step"])
+
+
+def ring_of(cfg: Toy2DConfig) -> RingMixture:
+    return RingMixture(cfg.ring.modes, cfg.ring.radius, cfg.ring.std)
+
+
+def training_data(cfg: Toy2DConfig) -> tuple[torch.Tensor, torch.Generator]:
+    """The fixed training set, and the generator (seeded by ``cfg.seed``) that drew it and
+    goes on to draw every batch and noise of the run."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return ring_of(cfg).sample(cfg.ring.train_points, generator), generator

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from cmray.config import ConfigError, param
+from cmray.config import param
+from cmray.models.config import NoiseConfig
 from cmray.train.curriculum import CurriculumConfig
 
 
@@ -17,23 +18,6 @@ class RingConfig:
     radius: float = param(4.0, help="ring radius", gt=0)
     std: float = param(0.2, help="standard deviation of each Gaussian", gt=0)
     train_points: int = param(32768, help="size of the fixed training set", ge=64)
-
-
-@dataclass
-class NoiseConfig:
-    """The noise range shared by teacher and students (paper Sec. 4 / Appendix C)."""
-
-    sigma_min: float = param(0.002, help="eps: the smallest noise level", gt=0)
-    sigma_max: float = param(80.0, help="T: the largest noise level", gt=0)
-    rho: float = param(7.0, help="Karras grid curvature", gt=0)
-
-    def __post_init__(self) -> None:
-        if self.sigma_min >= self.sigma_max:
-            raise ConfigError(
-                f"noise.sigma_min = {self.sigma_min} must be below noise.sigma_max = "
-                f"{self.sigma_max}",
-                key="noise.sigma_min",
-            )
 
 
 @dataclass

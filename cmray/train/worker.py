@@ -24,20 +24,14 @@ from cmray.config import from_dict, to_dict
 from cmray.data.stream import ShardStream
 from cmray.eval.config import FRECHET_NAMES
 from cmray.eval.images import grid_array, save_grid
+from cmray.models import ModelSourceError, locate_model
+from cmray.models.checkpoints import read_checkpoint_file
 from cmray.storage import absolute, url_to_fs
 from cmray.tracking import resolve_tracking_uri
 from cmray.tracking.config import is_mlflow_uri
 from cmray.train import state as ckpt
 from cmray.train.config import RayConfig, TrainConfig
-from cmray.train.loop import (
-    Hooks,
-    Trainer,
-    build_trainer,
-    checkpoint_state,
-    quality_hook,
-    read_checkpoint_file,
-    run_loop,
-)
+from cmray.train.loop import Hooks, Trainer, build_trainer, quality_hook, run_loop
 from cmray.train.tracking import finish_tracking, start_tracking
 
 SAMPLE_FILE = "samples.png"
@@ -182,13 +176,8 @@ def preflight(cfg: TrainConfig) -> None:
     teacher = cfg.objective.cd.teacher
     if cfg.objective.kind == "cd" and not is_mlflow_uri(teacher):  # MLflow: fetched by workers
         try:
-            if teacher.endswith(".pt"):
-                fs, path = url_to_fs(teacher)
-                if not fs.isfile(path):
-                    raise FileNotFoundError(f"no model file at {teacher}")
-            else:
-                checkpoint_state(teacher)
-        except FileNotFoundError as exc:
+            locate_model(teacher)
+        except ModelSourceError as exc:
             raise ConfigError(f"objective.cd.teacher: {exc}", key="objective.cd.teacher") from None
 
 
@@ -282,9 +271,8 @@ def toy_worker(config: dict[str, Any]) -> None:
 
     from cmray.config import flatten
     from cmray.eval.toy import TOY_METRIC, one_step_probe
-    from cmray.experiments.toy2d import ring_of, training_data
     from cmray.tracking import Tracker, TrackingConfig
-    from cmray.train.toy import Student
+    from cmray.train.toy import Student, ring_of, training_data
     from cmray.train.toy_config import Toy2DConfig, ToyTrialConfig
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))

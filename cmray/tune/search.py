@@ -210,7 +210,11 @@ def run_search(plan: SearchPlan, log: Log = print) -> Outcome:
         _toy_teacher(plan, log)
     tracker = _parent(plan) if plan.cfg.tracking.enabled else None
     if tracker is not None:
-        plan.parent_run = tracker.started() or ""
+        # Trials name their parent when they start, so wait for it: a busy server or a first
+        # store migration can take tens of seconds. Without it the search still runs.
+        plan.parent_run = tracker.started(timeout=180.0) or ""
+        if not plan.parent_run:
+            log("warning: the search's MLflow run did not start in 180 s; trials log unparented")
     from cmray.tune.trainable import make_tuner  # Ray Tune, only once the plan holds
 
     tuner, restored = make_tuner(plan, concurrency)

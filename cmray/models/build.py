@@ -1,0 +1,18 @@
+"""A model's network from its config: the U-Net inside the parametrization its kind names."""
+
+from __future__ import annotations
+
+from cmray.core.parametrization import ConsistencyFunction, Parametrization
+from cmray.models.config import ModelConfig, NoiseConfig
+from cmray.nets.unet import UNet
+
+
+def parametrization(kind: str, noise: NoiseConfig, sigma_data: float) -> Parametrization:
+    """Appendix C scalings for f_theta; sigma_min = 0 gives the EDM denoiser D (teacher)."""
+    sigma_min = 0.0 if kind == "edm" else noise.sigma_min
+    return Parametrization("edm", sigma_data, sigma_min, noise.sigma_max)
+
+
+def build_model(cfg: ModelConfig) -> ConsistencyFunction:
+    """Eq. 5's f_theta around the U-Net (or D for kind ``edm``), freshly initialised."""
+    return ConsistencyFunction(UNet(cfg.net), parametrization(cfg.kind, cfg.noise, cfg.sigma_data))
