@@ -225,3 +225,36 @@ def test_sample_grids_are_images_in_range(digits16: str, kind: str) -> None:
     grid = sample_grid(trainer, 4)
     assert grid.shape == (4, 3, 16, 16) and grid.abs().max() <= 1
     assert torch.equal(torch.get_rng_state(), rng)  # sampling leaves training's RNG alone
+
+
+def test_a_class_conditional_run_learns_from_the_shards_labels(
+    digits16: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Digits carry 10 classes (.cls): a conditional student's label embedding trains on them,
+    its checkpoint samples by class, and data without labels is a one-line error."""
+    from cmray.cli import main
+    from cmray.train.loop import class_batch
+
+    torch.set_num_threads(1)
+    # Zero-initialised output layers pass no gradient to the embedding before the third step,
+    # and then a tiny one: Adam's steps are lr-sized whatever the gradient, RAdam's first are not.
+    cfg = tiny_config(digits16, steps=4, checkpoint_every=4)
+    cfg.net.num_classes = 10
+    cfg.optim.name, cfg.optim.lr = "adam", 1e-3
+    trainer = build_trainer(cfg, torch.device("cpu"))
+    before = trainer.state.online.net.label_emb.weight.detach().clone()
+    run_local(cfg, tmp_path, log=lambda _: None)
+    model, loaded = load_model(str(tmp_path / "checkpoints"))
+    assert loaded.net.num_classes == 10
+    moved = (model.net.label_emb.weight != before).any(dim=1)  # the EMA copy's
+    assert moved.sum() >= 5, moved  # the classes of steps 3 and 4's 16 images
+    x, t = torch.randn(2, 3, 16, 16), torch.full((2,), 1.0)
+    a = model(x, t, class_labels=torch.tensor([0, 0]))
+    b = model(x, t, class_labels=torch.tensor([7, 7]))
+    assert not torch.equal(a, b)  # the label changes the output
+
+    out = tmp_path / "three.png"
+    args = ["sample", "--model", str(tmp_path / "checkpoints"), "--num", "4", "--class", "3"]
+    assert main([*args, "--out", str(out)]) == 0 and out.is_file()
+    with pytest.raises(ValueError, match=r"net.num_classes = 10 but a batch has labels -1"):
+        class_batch(torch.tensor([-1, -1]), 10, torch.device("cpu"))

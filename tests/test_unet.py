@@ -177,4 +177,4 @@ def test_direct_construction_is_validated_too() -> None:
     with pytest.raises(ConfigError, match="channel_mult"):
         UNetConfig(channel_mult=[])
     with pytest.raises(ConfigError, match="preset"):
-        unet_config("imagenet64")
+        unet_config("cifar32")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cmray.config import to_dict
-from cmray.core.sampling import in_batches, sample_multistep
+from cmray.core.sampling import class_labels, in_batches, sample_multistep
 from cmray.core.seeds import rank_seed
 from cmray.data.manifest import read_manifest
 from cmray.data.stream import shard_batches
@@ -143,8 +143,11 @@ class Featurizer:
         net, noise = self.model_cfg.net, self.model_cfg.noise
         shape = (task.count, net.in_channels, net.resolution, net.resolution)
         z, steps = chunk_noise(self.cfg.seed, task.chunk, shape)
+        # Classes drawn uniformly, as the reference's sampler does, from a generator of their own.
+        draw = torch.Generator().manual_seed(rank_seed(self.cfg.seed, task.chunk, "classes"))
+        labels = class_labels(net.num_classes, task.count, None, draw)
         x = sample_multistep(
-            in_batches(self.model, self.cfg.model_batch),
+            in_batches(self.model, self.cfg.model_batch, _on(labels, self.device)),
             z.to(self.device),
             task.taus,
             steps,
@@ -160,3 +163,7 @@ class Featurizer:
         counts: dict[str, int] = {}
         batches = shard_batches(task.url, self.manifest, self.cfg.batch_size, task.limit, counts)
         return {**self.featurize(batches), "counts": counts}
+
+
+def _on(labels: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if labels is None else labels.to(device)

@@ -29,12 +29,15 @@ class ConsistencyPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: np.ndarray, params: Any = None) -> np.ndarray:
         import torch
 
-        from cmray.core.sampling import in_batches, sample_onestep
+        from cmray.core.sampling import class_labels, in_batches, sample_onestep
         from cmray.models import MODEL_BATCH
 
         z = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         sigma_max = self.cfg.noise.sigma_max
-        f = in_batches(self.model, MODEL_BATCH)
+        # A class-conditional model samples uniformly drawn classes, the same for the same z.
+        draw = torch.Generator().manual_seed(0)
+        labels = class_labels(self.cfg.net.num_classes, z.shape[0], None, draw)
+        f = in_batches(self.model, MODEL_BATCH, labels)
         return sample_onestep(f, z, sigma_max, clip=(-1.0, 1.0)).x.numpy()
 
 

@@ -24,7 +24,7 @@ from cmray.core.sampling import sample_onestep, sample_teacher_ode
 from cmray.core.seeds import rank_seed
 from cmray.data.stream import ShardStream
 from cmray.eval.images import grid_array
-from cmray.models import build_model, load_model, write_model_file
+from cmray.models import ModelConfig, build_model, load_model, write_model_file
 from cmray.train import state as ckpt
 from cmray.train.config import TrainConfig
 from cmray.train.objectives import (
@@ -33,6 +33,7 @@ from cmray.train.objectives import (
     EDMObjective,
     Generators,
     Objective,
+    conditioned,
     karras_grid,
 )
 from cmray.train.state import TrainState, data_position, unwrap
@@ -82,14 +83,21 @@ def save_model_file(trainer: Trainer, path: str | Path) -> Path:
     return write_model_file(path, cfg.model_config(), weights, training=to_dict(cfg))
 
 
-def load_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The EDM denoiser D from any model source (a teacher run, an imported model), frozen."""
+def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, ModelConfig]:
+    """The EDM denoiser D from any model source (a teacher run, an imported model), frozen,
+    and its config."""
     import cmray.tracking  # noqa: F401 - registers MLflow model URIs as model sources
 
-    teacher, model = load_model(cfg.objective.cd.teacher, device)
+    source = cfg.objective.cd.teacher
+    teacher, model = load_model(source, device)
     if model.kind != "edm":
-        raise ValueError(f"{cfg.objective.cd.teacher} is a {model.kind} model, not an EDM teacher")
-    return teacher
+        raise ValueError(f"{source} is a {model.kind} model, not an EDM teacher")
+    if model.net.num_classes and model.net.num_classes != cfg.net.num_classes:
+        raise ValueError(
+            f"{source} is conditional on {model.net.num_classes} classes; the student needs "
+            f"net.num_classes = {model.net.num_classes}"
+        )
+    return teacher, model
 
 
 def make_objective(cfg: TrainConfig, device: torch.device) -> Objective:
@@ -103,7 +111,9 @@ def make_objective(cfg: TrainConfig, device: torch.device) -> Objective:
         lpips = load_lpips("vgg", obj.lpips_weights or None).to(device)
     metric, weighting = get_metric(obj.metric, lpips), losses.LAMBDAS[obj.weighting]
     if obj.kind == "cd":
-        return CDObjective(obj.cd, obj.noise, load_teacher(cfg, device), metric, weighting)
+        teacher, model = load_teacher(cfg, device)
+        classes = model.net.num_classes
+        return CDObjective(obj.cd, obj.noise, teacher, metric, weighting, teacher_classes=classes)
     K = obj.ct.K or cfg.loop.steps
     return CTObjective(obj.ct, obj.noise, K, metric, weighting)
 
@@ -153,24 +163,41 @@ def quality_hook(trainer: Trainer) -> Callable[[], dict[str, float]] | None:
 
 @torch.no_grad()
 def sample_grid(trainer: Trainer, count: int, seed: int = 0) -> torch.Tensor:
-    """Samples from the first EMA copy, in [-1, 1]: one step (Algorithm 1) for CD/CT runs."""
+    """Samples from the first EMA copy, in [-1, 1]: one step (Algorithm 1) for CD/CT runs;
+    a class-conditional run's grid cycles through the classes."""
     cfg = trainer.cfg
     model = sampling_model(trainer)
     shape = (count, cfg.net.in_channels, cfg.net.resolution, cfg.net.resolution)
     g = torch.Generator(device=trainer.device).manual_seed(seed)
     z = torch.randn(shape, generator=g, device=trainer.device)
+    classes = cfg.net.num_classes
+    labels = torch.arange(count, device=trainer.device) % classes if classes else None
+    f = conditioned(model, labels)
     was_training = model.training
     model.eval()
     if cfg.objective.kind == "edm":  # a teacher: EDM's 18-point Heun solve (35 NFE)
         grid = karras_grid(cfg.objective.noise, 18)
-        x = sample_teacher_ode(model, z, grid, "heun", to_zero=True).x
+        x = sample_teacher_ode(f, z, grid, "heun", to_zero=True).x
     else:
-        x = sample_onestep(model, z, cfg.objective.noise.sigma_max).x
+        x = sample_onestep(f, z, cfg.objective.noise.sigma_max).x
     model.train(was_training)
     return x.clamp(-1, 1)
 
 
 # ----------------------------------------------------------------------------------- loop
+
+
+def class_batch(labels: torch.Tensor, classes: int, device: torch.device) -> torch.Tensor | None:
+    """A class-conditional run's labels on the device (checked on the CPU, where it is free);
+    None for an unconditional run, which ignores the data's labels."""
+    if not classes:
+        return None
+    if int(labels.min()) < 0 or int(labels.max()) >= classes:
+        raise ValueError(
+            f"net.num_classes = {classes} but a batch has labels {labels.min()}..{labels.max()} "
+            "(-1: the shards carry no .cls); use data with labels 0..num_classes-1"
+        )
+    return labels.to(device, non_blocking=True)
 
 
 @dataclass
@@ -222,7 +249,8 @@ def run_loop(trainer: Trainer, stream: ShardStream, hooks: Hooks) -> None:
         tick = time.perf_counter()
         for batch in stream:
             x0 = batch["image"].to(trainer.device, non_blocking=True)
-            result = train_step(state, trainer.objective, x0, loop, cfg.optim, trainer.gen)
+            labels = class_batch(batch["label"], cfg.net.num_classes, trainer.device)
+            result = train_step(state, trainer.objective, x0, loop, cfg.optim, trainer.gen, labels)
             done = state.step >= loop.steps
             save = state.step % loop.checkpoint_every == 0 or done
             every = loop.sample_every

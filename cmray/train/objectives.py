@@ -6,8 +6,10 @@ and derives its curriculum from the step k, so a resumed run needs no extra stat
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -27,9 +29,19 @@ class Generators:
     noise: torch.Generator
 
 
+# A network as the losses call it, f(x, t): a module, or one with class labels bound.
+Net = nn.Module | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class Objective(Protocol):
     def loss(
-        self, online: nn.Module, target: nn.Module | None, x0: torch.Tensor, k: int, gen: Generators
+        self,
+        online: Net,
+        target: Net | None,
+        x0: torch.Tensor,
+        k: int,
+        gen: Generators,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
     def target_mu(self, k: int) -> float | None: ...
@@ -39,6 +51,14 @@ class Objective(Protocol):
 
 def karras_grid(noise: NoiseConfig, N: int) -> torch.Tensor:
     return schedules.karras_sigmas(N, noise.sigma_min, noise.sigma_max, noise.rho)
+
+
+def conditioned(net: Any, labels: torch.Tensor | None) -> Any:
+    """``net`` with these class labels bound (a class-conditional network), or ``net`` itself:
+    the losses call every network as ``f(x, t)``."""
+    if net is None or labels is None:
+        return net
+    return functools.partial(net, class_labels=labels)
 
 
 def draw_z(x0: torch.Tensor, gen: Generators) -> torch.Tensor:
@@ -54,16 +74,25 @@ class CDObjective:
     teacher: nn.Module
     metric: Metric
     weighting: losses.Weighting = losses.lambda_uniform
+    teacher_classes: int = 0
 
     def loss(
-        self, online: nn.Module, target: nn.Module | None, x0: torch.Tensor, k: int, gen: Generators
+        self,
+        online: Net,
+        target: Net | None,
+        x0: torch.Tensor,
+        k: int,
+        gen: Generators,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         sigmas = karras_grid(self.noise, self.cfg.N)
         n = schedules.sample_uniform_indices(self.cfg.N, x0.shape[0], gen.index)
+        # An unconditional teacher can distil a class-conditional student: it gets no labels.
+        teacher = conditioned(self.teacher, labels if self.teacher_classes else None)
         return losses.cd_loss(
             online,
             target,
-            self.teacher,
+            teacher,
             x0,
             draw_z(x0, gen),
             n,
@@ -91,7 +120,13 @@ class CTObjective:
     weighting: losses.Weighting = losses.lambda_uniform
 
     def loss(
-        self, online: nn.Module, target: nn.Module | None, x0: torch.Tensor, k: int, gen: Generators
+        self,
+        online: Net,
+        target: Net | None,
+        x0: torch.Tensor,
+        k: int,
+        gen: Generators,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         N, _ = ct_curriculum(self.cfg, k, self.K)
         sigmas = karras_grid(self.noise, N)
@@ -116,7 +151,13 @@ class EDMObjective:
     sigma_data: float
 
     def loss(
-        self, online: nn.Module, target: nn.Module | None, x0: torch.Tensor, k: int, gen: Generators
+        self,
+        online: Net,
+        target: Net | None,
+        x0: torch.Tensor,
+        k: int,
+        gen: Generators,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         sigma = losses.edm_sigma(x0.shape[0], self.cfg.P_mean, self.cfg.P_std, gen.index)
         return losses.edm_loss(online, x0, sigma, draw_z(x0, gen), self.sigma_data)

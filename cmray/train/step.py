@@ -13,7 +13,7 @@ import torch
 
 from cmray.core.ema import ema_update_
 from cmray.train.config import LoopConfig, OptimConfig
-from cmray.train.objectives import Generators, Objective
+from cmray.train.objectives import Generators, Objective, conditioned
 from cmray.train.state import TrainState, unwrap
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,15 +45,22 @@ def _no_sync(model: torch.nn.Module, last: bool) -> contextlib.AbstractContextMa
 
 
 def _accumulate(
-    state: TrainState, objective: Objective, x0: torch.Tensor, loop: LoopConfig, gen: Generators
+    state: TrainState,
+    objective: Objective,
+    x0: torch.Tensor,
+    loop: LoopConfig,
+    gen: Generators,
+    labels: torch.Tensor | None,
 ) -> float:
     """Forward and backward over the microbatches; the mean loss over the whole batch."""
     chunks = x0.chunk(loop.microbatches)
+    label_chunks = [None] * len(chunks) if labels is None else labels.chunk(loop.microbatches)
     losses = []
-    for i, chunk in enumerate(chunks):
+    for i, (chunk, y) in enumerate(zip(chunks, label_chunks, strict=True)):
         with _no_sync(state.online, i == len(chunks) - 1):
             with autocast(loop.precision, x0.device):
-                loss = objective.loss(state.online, state.target, chunk, state.step, gen).mean()
+                nets = conditioned(state.online, y), conditioned(state.target, y)
+                loss = objective.loss(*nets, chunk, state.step, gen, y).mean()
             scaled = loss / len(chunks)
             (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
         losses.append(loss.detach().float())
@@ -82,15 +89,17 @@ def train_step(
     loop: LoopConfig,
     optim: OptimConfig,
     gen: Generators,
+    labels: torch.Tensor | None = None,
 ) -> StepResult:
     """Algorithm 2/3 lines 4-9 for one batch: update theta, then theta- and the EMA copies.
 
     A step whose loss or gradient is not finite changes nothing but the counters, and
     ``loop.nonfinite_limit`` of them in a row raise ``NonFiniteLossError``; fp16's loss-scale
-    overflows are skipped too but do not count towards the limit.
+    overflows are skipped too but do not count towards the limit. ``labels`` are the batch's
+    classes, for a class-conditional network.
     """
     state.optimizer.zero_grad(set_to_none=True)
-    loss = _accumulate(state, objective, x0, loop, gen)
+    loss = _accumulate(state, objective, x0, loop, gen, labels)
     grad_norm = _grad_norm(state, optim.grad_clip)
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     if finite:

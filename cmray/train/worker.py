@@ -173,6 +173,12 @@ def preflight(cfg: TrainConfig) -> None:
             f"{manifest.resolution}x{manifest.resolution}",
             key="net.resolution",
         )
+    if cfg.net.num_classes and not 0 < manifest.classes <= cfg.net.num_classes:
+        raise ConfigError(
+            f"net.num_classes = {cfg.net.num_classes} but the data has {manifest.classes} "
+            "classes; class-conditional training needs shards with labels (.cls)",
+            key="net.num_classes",
+        )
     teacher = cfg.objective.cd.teacher
     if cfg.objective.kind == "cd" and not is_mlflow_uri(teacher):  # MLflow: fetched by workers
         try:
