@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmray.config import from_dict
+from cmray.config import ConfigError, from_dict
 from cmray.models import load_model
 from cmray.train import state as ckpt
 from cmray.train.config import TrainConfig
@@ -258,3 +258,22 @@ def test_a_class_conditional_run_learns_from_the_shards_labels(
     assert main([*args, "--out", str(out)]) == 0 and out.is_file()
     with pytest.raises(ValueError, match=r"net.num_classes = 10 but a batch has labels -1"):
         class_batch(torch.tensor([-1, -1]), 10, torch.device("cpu"))
+
+
+def test_cd_distils_a_teacher_from_a_model_file(digits16: str, tmp_path: Path) -> None:
+    """objective.cd.teacher takes any model source: here an EDM model file, as `cmray import
+    openai edm_*.pt` writes one, with no training run behind it."""
+    from cmray.models import ModelConfig, build_model, write_model_file
+    from cmray.train.worker import preflight
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(digits16, steps=2, checkpoint_every=2)
+    teacher = ModelConfig(kind="edm", net=cfg.net, noise=cfg.objective.noise)
+    write_model_file(tmp_path / "edm.pt", teacher, build_model(teacher).state_dict())
+    cfg.objective.kind, cfg.objective.cd.teacher = "cd", str(tmp_path / "edm.pt")
+    preflight(cfg)  # the driver's check finds it
+    trainer = run_local(cfg, tmp_path / "cd", log=lambda _: None)
+    assert trainer.state.step == 2
+    cfg.objective.cd.teacher = str(tmp_path / "missing.pt")
+    with pytest.raises(ConfigError, match=r"objective\.cd\.teacher: no model file at"):
+        preflight(cfg)
