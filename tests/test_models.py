@@ -196,8 +196,13 @@ def test_s3_without_credentials_is_one_line(
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     import s3fs
 
-    s3fs.S3FileSystem.clear_instance_cache()  # not one an earlier test made with credentials
-    assert main(["sample", "--model", "s3://bucket/x", "--out", "/nonexistent/x.png"]) == 2
+    # s3fs caches filesystems by their arguments: not one an earlier test made with
+    # credentials now, and not this one, without them, for the tests after.
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        assert main(["sample", "--model", "s3://bucket/x", "--out", "/nonexistent/x.png"]) == 2
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == "sample error: s3://bucket/x: NoCredentialsError: Unable to locate credentials"
 
