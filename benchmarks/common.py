@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -37,3 +41,23 @@ def start(device: str, threads: int | None) -> torch.device:
         torch.set_num_threads(threads)
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}; load {load_average()}")
     return where
+
+
+def peak_mib() -> float:
+    """This process's peak resident memory so far. Linux's VmHWM, not getrusage's ru_maxrss,
+    which a child inherits from the parent that forked it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status: this benchmark needs Linux")
+
+
+def child_json(script: str, *args: str) -> dict:
+    """Run ``script --child ARGS`` in a fresh process (its own peak memory) and return the JSON
+    of its last line; a failure ends the benchmark with the child's error."""
+    done = subprocess.run(
+        [sys.executable, script, "--child", *args], capture_output=True, text=True
+    )
+    if done.returncode:
+        raise SystemExit(f"{' '.join(args)} failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

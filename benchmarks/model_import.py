@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import start
-from teacher_load import peak_mib
+from common import child_json, peak_mib, start
 
 from cmray.models.openai import reference_key
 from cmray.nets.unet import UNet, unet_config
@@ -65,11 +63,7 @@ def child(step: str, src: str, dst: str) -> None:
 
 
 def measure(step: str, src: Path, dst: Path) -> dict[str, float]:
-    argv = [sys.executable, __file__, "--child", step, str(src), str(dst)]
-    done = subprocess.run(argv, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{step} failed: {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_json(__file__, step, str(src), str(dst))
 
 
 def main(argv: list[str] | None = None) -> int:

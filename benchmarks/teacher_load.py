@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from common import start
+from common import child_json, peak_mib, start
 
 from cmray.config import apply_overrides, from_dict, read_config_file
 from cmray.models import load_model
@@ -36,15 +35,6 @@ from cmray.train.config import TrainConfig
 from cmray.train.loop import build_trainer
 
 DEFAULTS = ["net.model_channels=64", "data.manifest=unused://"]
-
-
-def peak_mib() -> float:
-    """This process's peak resident memory so far. Linux's VmHWM, not getrusage's ru_maxrss,
-    which a child inherits from the parent that forked it."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError("no VmHWM in /proc/self/status: this benchmark needs Linux")
 
 
 def write_checkpoint(cfg: TrainConfig, directory: Path) -> Path:
@@ -65,9 +55,7 @@ def child(way: str, directory: str) -> None:
 
 
 def measure(way: str, directory: Path) -> dict[str, float]:
-    argv = [sys.executable, __file__, "--child", way, str(directory)]
-    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return child_json(__file__, way, str(directory))
 
 
 def main(argv: list[str] | None = None) -> int:

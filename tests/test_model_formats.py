@@ -149,8 +149,13 @@ def test_cmray_import_openai_keeps_every_weight(
 # --------------------------------------------------------------------------- diffusers
 
 
-def export(model: Path, out: Path) -> int:
-    return main(["export", "diffusers", "--model", str(model), "--out", str(out)])
+def exported(net: UNetConfig, tmp_path: Path) -> tuple[ModelConfig, dict]:
+    """A random model written to m.pt and exported through the command to pipe/."""
+    cfg, weights = random_model(net)
+    write_model_file(tmp_path / "m.pt", cfg, weights)
+    args = ["export", "diffusers", "--model", str(tmp_path / "m.pt"), "--out"]
+    assert main([*args, str(tmp_path / "pipe")]) == 0
+    return cfg, weights
 
 
 def _perturbed_noise_levels(batch: int) -> torch.Tensor:
@@ -164,21 +169,7 @@ def test_exported_unet_equals_cmray_and_imports_back_bit_exact(
     from diffusers import UNet2DModel
 
     net = TOPOLOGIES[topology]
-    cfg, weights = random_model(net)
-    write_model_file(tmp_path / "m.pt", cfg, weights)
-    assert (
-        main(
-            [
-                "export",
-                "diffusers",
-                "--model",
-                str(tmp_path / "m.pt"),
-                "--out",
-                str(tmp_path / "pipe"),
-            ]
-        )
-        == 0
-    )
+    cfg, weights = exported(net, tmp_path)
     theirs = UNet2DModel.from_pretrained(tmp_path / "pipe" / "unet").eval()
     ours = UNet(net).eval()
     ours.load_state_dict({k.removeprefix("net."): v for k, v in weights.items()})
@@ -205,21 +196,7 @@ def test_the_pipeline_samples_what_cmray_samples(topology: str, tmp_path: Path) 
     from diffusers import ConsistencyModelPipeline
 
     net = TOPOLOGIES[topology]
-    cfg, weights = random_model(net)
-    write_model_file(tmp_path / "m.pt", cfg, weights)
-    assert (
-        main(
-            [
-                "export",
-                "diffusers",
-                "--model",
-                str(tmp_path / "m.pt"),
-                "--out",
-                str(tmp_path / "pipe"),
-            ]
-        )
-        == 0
-    )
+    cfg, _ = exported(net, tmp_path)
     pipe = ConsistencyModelPipeline.from_pretrained(tmp_path / "pipe")
     pipe.set_progress_bar_config(disable=True)
     model, _ = load_model(tmp_path / "m.pt")

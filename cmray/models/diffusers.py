@@ -182,8 +182,9 @@ def unet_from_diffusers(config: dict[str, Any], source: str) -> UNetConfig:
         use_scale_shift_norm=config.get("resnet_time_scale_shift") == "scale_shift",
         num_classes=config.get("num_class_embeds") or 0,
     )
-    if unet2d_config(net) | _kept(config) != unet2d_config(net):
-        diff = [k for k, v in _kept(config).items() if unet2d_config(net)[k] != v]
+    rebuilt = unet2d_config(net)
+    diff = [k for k, v in _kept(config).items() if rebuilt[k] != v]
+    if diff:
         raise ModelSourceError(f"{source}: a UNet2DModel with {diff[0]} = {config[diff[0]]!r}")
     return net
 

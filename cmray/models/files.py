@@ -74,7 +74,7 @@ def locate_model(source: str) -> tuple[fsspec.AbstractFileSystem, str]:
         raise ModelSourceError(f"{source}: {type(exc).__name__}: {one_line(exc)}") from None
 
 
-def _read(source: str) -> dict[str, Any]:
+def read_source(source: str) -> dict[str, Any]:
     """The file behind ``source``, read with ``weights_only``; one-line errors."""
     fs, path = locate_model(source)
     try:
@@ -115,7 +115,7 @@ def sampling_weights(data: dict[str, Any]) -> dict[str, torch.Tensor]:
 def read_model(source: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A source's model config and sampling weights, without building the network."""
     source = resolve_source(str(source))
-    data = _read(source)
+    data = read_source(source)
     cfg = model_config_of(data, source)
     try:
         return cfg, sampling_weights(data)

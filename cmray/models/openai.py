@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from cmray.models.checkpoints import read_checkpoint_file
 from cmray.models.config import ModelConfig
-from cmray.models.files import ModelSourceError, locate_model, one_line, write_model_file
+from cmray.models.files import ModelSourceError, read_source, write_model_file
 from cmray.nets.unet import UNet, UNetConfig, unet_config
 
 KIND_PREFIXES = {"edm_": "edm", "cd_": "cd", "ct_": "ct"}
@@ -131,13 +130,8 @@ def import_openai(
     """Convert a released checkpoint into a cmray model file at ``out``."""
     source = str(path)
     kind = kind or kind_from_name(source)
-    try:
-        state = read_checkpoint_file(*locate_model(source))
-    except ModelSourceError:
-        raise
-    except Exception as exc:
-        raise ModelSourceError(f"{source}: not a readable state dict ({one_line(exc)})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    state = read_source(source)
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelSourceError(f"{source}: not a plain state dict of tensors")
     preset, net, weights = convert_openai(state, source)
     grid = {"edm": 0, "cd": CD_GRID, "ct": CT_GRID[preset]}[kind]
