@@ -88,23 +88,59 @@ class ConsistencyFunction(nn.Module):
 
     Wraps any network F. Because c_skip(eps) == 1 and c_out(eps) == 0 hold exactly in floating
     point, f_theta(x, eps) == x bit for bit, whatever F outputs (as long as it is finite).
-    The same wrapper with ``Parametrization(sigma_min=0)`` is the EDM denoiser D_phi.
+    The same wrapper with ``Parametrization(sigma_min=0)`` is the EDM denoiser D_phi; that
+    one network is also TrigFlow's F (:meth:`trigflow`), so an sCM student, its EDM teacher and
+    an ECT student share one module. ``logvar`` is sCM's adaptive weight w_phi, when trained.
     """
 
-    def __init__(self, net: nn.Module, parametrization: Parametrization):
+    def __init__(
+        self, net: nn.Module, parametrization: Parametrization, logvar: nn.Module | None = None
+    ):
         super().__init__()
         self.net = net
         self.parametrization = parametrization
+        self.logvar = logvar
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        class_labels: torch.Tensor | None = None,
+        *,
+        trigflow: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """f(x, t) with t the noise level sigma; ``trigflow=True`` reads (x, t) as TrigFlow's
+        (x_t, t) and returns :meth:`trigflow`'s (F, w_phi) instead (through ``forward``, so a
+        DistributedDataParallel wrapper sees the call)."""
+        if trigflow:
+            return self.trigflow(x, t, class_labels)
         t = per_sample(t, x)
         skip, out, inp = self.parametrization.scalings(t)
         cond = self.parametrization.noise_cond(t.reshape(-1))
-        # Only class-conditional networks take labels; the rest keep F(x, c_noise).
-        labels = {} if class_labels is None else {"class_labels": class_labels}
-        return skip * x + out * self.net(inp * x, cond, **labels)
+        return skip * x + out * self.net(inp * x, cond, **_labels(class_labels))
+
+    def trigflow(
+        self, x_t: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """sCM Sec. 2 (TrigFlow from EDM): F(x_t / sigma_d, t) = -F_net(x_t / sigma_d,
+        c_noise(sigma_d tan t)), and w_phi(t) (None without a weight head).
+
+        With sigma = sigma_d tan t and x_sigma = x_t / cos t, EDM's scalings become
+        c_skip = cos^2 t, c_out = sigma_d sin t, c_in x_sigma = x_t / sigma_d, so
+        D(x_sigma, sigma) = cos t x_t - sin t sigma_d F: TrigFlow's f with this F, no division.
+        """
+        p = self.parametrization
+        if p.kind != "edm" or p.sigma_min != 0:
+            raise ValueError("TrigFlow needs EDM scalings without the eps shift (sigma_min = 0)")
+        t = per_sample(t, x_t).reshape(-1)
+        cond = p.noise_cond(p.sigma_data * torch.tan(t))
+        F = -self.net(x_t / p.sigma_data, cond, **_labels(class_labels))
+        return F, None if self.logvar is None else self.logvar(cond)
+
+
+def _labels(class_labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    # Only class-conditional networks take labels; the rest keep F(x, c_noise).
+    return {} if class_labels is None else {"class_labels": class_labels}
 
 
 class ScoreDenoiser(nn.Module):

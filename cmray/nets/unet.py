@@ -170,22 +170,25 @@ def unet_config(preset: str, **overrides: Any) -> UNetConfig:
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """``[cos(t f_i), sin(t f_i)]`` with log-spaced frequencies f_i from 1 to 1/max_period."""
     half = dim // 2
-    # float32 throughout: c_noise reaches ~1100, where bf16 cannot tell neighbouring levels apart.
+    # float32 at least: c_noise reaches ~1100, where bf16 cannot tell neighbouring levels apart.
     # Frequencies are made here, not kept as a buffer, so a net built on "meta" stays complete.
+    wide = torch.promote_types(t.dtype, torch.float32)
     freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        -math.log(max_period) * torch.arange(half, dtype=wide, device=t.device) / half
     )
-    angles = t.float()[:, None] * freqs[None]
+    angles = t.to(wide)[:, None] * freqs[None]
     emb = torch.cat([angles.cos(), angles.sin()], dim=1)
     return F.pad(emb, (0, dim % 2))
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32, so statistics stay accurate under bf16/fp16 autocast."""
+    """GroupNorm computed in at least float32, so statistics stay accurate under bf16/fp16
+    autocast (and a float64 net, as the JVP checks use, stays float64)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float()).to(x.dtype)
+            return super().forward(x.to(wide)).to(x.dtype)
 
 
 def _zero(module: nn.Module) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Typed configuration of image training: CD, CT or an EDM teacher, on Ray Train or directly.
+"""Typed configuration of image training: CD, CT, ECT, sCM or an EDM teacher, on Ray Train or
+directly.
 
 ``configs/*.yaml`` fill it; ``cmray config train --config FILE`` checks one without running it.
 Everything is validated when the config is built, before Ray or any data is touched.
@@ -7,7 +8,7 @@ Everything is validated when the config is built, before Ray or any data is touc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from cmray.config import ConfigError, param, to_dict
 from cmray.data.config import StreamConfig
@@ -48,11 +49,51 @@ class EDMConfig:
 
 
 @dataclass
+class ECTConfig:
+    """Easy Consistency Tuning (Geng et al. 2024): a diffusion model tuned into f_theta."""
+
+    init: str = param(
+        "", help="the diffusion model the student starts from (any model source; EDM kind)"
+    )
+    P_mean: float = param(-1.1, help="mean of ln t (ECT: -1.1)")
+    P_std: float = param(2.0, help="std of ln t (ECT: 2.0)", gt=0)
+    q: float = param(4.0, help="each stage shrinks t - r by this factor (ECT code: 4)", gt=1)
+    k: float = param(8.0, help="n(t) = 1 + k sigmoid(-b t)", ge=0)
+    b: float = param(1.0, help="n(t) = 1 + k sigmoid(-b t)", ge=0)
+    c: float = param(0.0, help="pseudo-Huber c (0: the plain l2 norm)", ge=0)
+    stage_steps: int = param(0, help="steps per stage s (0: loop.steps / 8: eight stages)", ge=0)
+
+
+@dataclass
+class SCMConfig:
+    """Continuous-time consistency models in TrigFlow (sCM; Lu & Song 2024)."""
+
+    mode: Literal["ct", "cd"] = param("ct", help="ct: dx/dt from data and noise; cd: teacher")
+    init: str = param("", help="model the student starts from ('': fresh; cd: the teacher)")
+    teacher: str = param("", help="cd: the EDM teacher (any model source)")
+    P_mean: float = param(-0.8, help="mean of ln sigma, t = arctan(sigma / sigma_d)")
+    P_std: float = param(1.6, help="std of ln sigma (ImageNet 64: -0.8, 1.6)", gt=0)
+    tangent_warmup: int = param(10000, help="steps over which r rises to 1 (0: none)", ge=0)
+    tangent_c: float = param(0.1, help="tangent normalisation g / (||g|| + c)", gt=0)
+    jvp: Literal["jvp", "fd"] = param(
+        "jvp", help="dF/dt by torch.func.jvp (exact) or a central finite difference"
+    )
+    fd_eps: float = param(
+        1e-4, help="fd: step along the tangent (c_noise = 250 ln sigma moves fast)", gt=0
+    )
+    prior_weight: bool = param(False, help="multiply the loss by 1/sigma (sCM's prior weight)")
+
+
+@dataclass
 class ObjectiveConfig:
     """What is learned and how its loss is measured."""
 
-    kind: Literal["cd", "ct", "edm"] = param("ct", help="cd, ct, or edm (teacher training)")
-    metric: Literal["l2", "l1", "lpips", "pseudo_huber"] = param("l2", help="distance d")
+    kind: Literal["cd", "ct", "ect", "scm", "edm"] = param(
+        "ct", help="cd, ct, ect, scm, or edm (teacher training)"
+    )
+    metric: Literal["l2", "l1", "lpips", "pseudo_huber"] = param(
+        "l2", help="distance d of cd and ct (ect: ect.c; scm: its own loss)"
+    )
     lpips_weights: str = param(
         "", help="VGG16 backbone file path or URL for lpips ('' = the torch hub cache)"
     )
@@ -62,13 +103,42 @@ class ObjectiveConfig:
     cd: CDConfig = param(default_factory=CDConfig, help="cd settings")
     ct: CTConfig = param(default_factory=CTConfig, help="ct settings")
     edm: EDMConfig = param(default_factory=EDMConfig, help="edm settings")
+    ect: ECTConfig = param(default_factory=ECTConfig, help="ect settings")
+    scm: SCMConfig = param(default_factory=SCMConfig, help="scm settings")
 
     def __post_init__(self) -> None:
-        if self.kind == "cd" and not self.cd.teacher:
+        needs = {
+            "cd": ("cd.teacher", self.cd.teacher, "a teacher"),
+            "ect": ("ect.init", self.ect.init, "a diffusion model to start from"),
+            "scm": ("scm.teacher", self.scm.teacher or self.scm.mode == "ct", "a teacher (cd)"),
+        }
+        if self.kind in needs and not needs[self.kind][1]:
+            key, _, what = needs[self.kind]
             raise ConfigError(
-                "objective.cd.teacher is empty; cd needs a teacher checkpoint",
-                key="objective.cd.teacher",
+                f"objective.{key} is empty; {self.kind} needs {what} (a model source)",
+                key=f"objective.{key}",
             )
+
+    # Fields that name a model source; ``sources()`` says which this kind reads.
+    SOURCE_FIELDS: ClassVar[tuple[str, ...]] = ("cd.teacher", "ect.init", "scm.init", "scm.teacher")
+
+    def sources(self) -> dict[str, str]:
+        """The model sources this objective reads, by their key under ``objective``."""
+        used = {
+            "cd": {"cd.teacher": self.cd.teacher},
+            "ect": {"ect.init": self.ect.init},
+            "scm": {"scm.init": self.scm.init, "scm.teacher": self.scm.teacher},
+        }.get(self.kind, {})
+        return {key: source for key, source in used.items() if source}
+
+    @property
+    def init(self) -> str:
+        """The model source whose weights the student starts from ('' for fresh weights)."""
+        if self.kind == "ect":
+            return self.ect.init
+        if self.kind == "scm":
+            return self.scm.init or (self.scm.teacher if self.scm.mode == "cd" else "")
+        return ""
 
 
 @dataclass

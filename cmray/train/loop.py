@@ -30,9 +30,11 @@ from cmray.train.config import TrainConfig
 from cmray.train.objectives import (
     CDObjective,
     CTObjective,
+    ECTObjective,
     EDMObjective,
     Generators,
     Objective,
+    SCMObjective,
     conditioned,
     karras_grid,
 )
@@ -83,12 +85,11 @@ def save_model_file(trainer: Trainer, path: str | Path) -> Path:
     return write_model_file(path, cfg.model_config(), weights, training=to_dict(cfg))
 
 
-def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, ModelConfig]:
-    """The EDM denoiser D from any model source (a teacher run, an imported model), frozen,
-    and its config."""
+def load_edm(source: str, cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, ModelConfig]:
+    """An EDM denoiser D from any model source (a teacher run, an imported model), frozen, and
+    its config; checked against the student's classes."""
     import cmray.tracking  # noqa: F401 - registers MLflow model URIs as model sources
 
-    source = cfg.objective.cd.teacher
     teacher, model = load_model(source, device)
     if model.kind != "edm":
         raise ValueError(f"{source} is a {model.kind} model, not an EDM teacher")
@@ -100,10 +101,38 @@ def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Mod
     return teacher, model
 
 
+def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, ModelConfig]:
+    """The CD (or sCD) teacher D, frozen, and its config."""
+    obj = cfg.objective
+    return load_edm(obj.scm.teacher if obj.kind == "scm" else obj.cd.teacher, cfg, device)
+
+
+def initialise_from(online: ConsistencyFunction, cfg: TrainConfig) -> None:
+    """ECT and sCM students start from a diffusion model's network (f(x, 0) = x either way):
+    its U-Net weights, which must have the student's shape; sCM's w_phi starts fresh."""
+    source = cfg.objective.init
+    if not source:
+        return
+    model, model_cfg = load_edm(source, cfg, torch.device("cpu"))
+    if to_dict(model_cfg.net) != to_dict(cfg.net):
+        raise ValueError(
+            f"{source} has net {to_dict(model_cfg.net)}; the student's net must match it "
+            "(set net: to that model's network)"
+        )
+    online.net.load_state_dict(model.net.state_dict())
+
+
 def make_objective(cfg: TrainConfig, device: torch.device) -> Objective:
     obj = cfg.objective
     if obj.kind == "edm":
         return EDMObjective(obj.edm, obj.sigma_data)
+    if obj.kind == "ect":
+        return ECTObjective(obj.ect, obj.sigma_data, cfg.loop.steps)
+    if obj.kind == "scm":
+        if obj.scm.mode == "ct":
+            return SCMObjective(obj.scm, obj.sigma_data)
+        teacher, model = load_teacher(cfg, device)
+        return SCMObjective(obj.scm, obj.sigma_data, teacher, model.net.num_classes)
     lpips = None
     if obj.metric == "lpips":
         from cmray.weights import load_lpips
@@ -127,10 +156,13 @@ def build_trainer(
 ) -> Trainer:
     """Fresh state; every rank builds the same initial weights from ``loop.seed``."""
     torch.manual_seed(cfg.loop.seed)
+    online = build_net(cfg)
+    initialise_from(online, cfg)
     # Channels-last like the batches: gradients then match DDP's bucket layout (no per-step
     # copy or stride warning), and cuDNN runs its NHWC kernels.
-    online = build_net(cfg).to(device, memory_format=torch.channels_last)
-    target = None if cfg.objective.kind == "edm" else frozen_copy(online)
+    online = online.to(device, memory_format=torch.channels_last)
+    # Only CD and CT keep an EMA target network; ECT and sCM use stopgrad(theta) itself.
+    target = frozen_copy(online) if cfg.objective.kind in ("cd", "ct") else None
     ema = EMABank(online, cfg.loop.ema_rates)
     online = wrap(online)
     scaler = torch.amp.GradScaler(device.type) if cfg.loop.precision == "fp16" else None

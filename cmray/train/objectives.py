@@ -1,4 +1,4 @@
-"""The three training objectives as step functions of (online, target, x0, k): pure PyTorch.
+"""The training objectives as step functions of (online, target, x0, k): pure PyTorch.
 
 Each draws its own noise from the generators it is given, so a run is a function of the seed,
 and derives its curriculum from the step k, so a resumed run needs no extra state.
@@ -14,10 +14,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from cmray.core import losses, schedules
+from cmray.core import losses, schedules, trigflow
 from cmray.core.metrics import Metric
+from cmray.core.tensors import per_sample
 from cmray.models.config import NoiseConfig
-from cmray.train.config import CDConfig, CTConfig, EDMConfig
+from cmray.train.config import CDConfig, CTConfig, ECTConfig, EDMConfig, SCMConfig
 from cmray.train.curriculum import ct_curriculum, ct_indices
 
 
@@ -167,3 +168,101 @@ class EDMObjective:
 
     def schedule(self, k: int) -> dict[str, float]:
         return {}
+
+
+def ect_stage(cfg: ECTConfig, k: int, steps: int) -> int:
+    """ECT's stage s at step k: one more every ``stage_steps`` (default: eight over the run)."""
+    return k // (cfg.stage_steps or max(steps // 8, 1))
+
+
+@dataclass
+class ECTObjective:
+    """Easy Consistency Tuning: t lognormal, r from the mapping function at stage s, the online
+    net itself (stop-gradient, same dropout mask) as the target; no EMA target network."""
+
+    cfg: ECTConfig
+    sigma_data: float
+    steps: int
+
+    def loss(
+        self,
+        online: Net,
+        target: Net | None,
+        x0: torch.Tensor,
+        k: int,
+        gen: Generators,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        c = self.cfg
+        t = losses.edm_sigma(x0.shape[0], c.P_mean, c.P_std, gen.index)
+        r = losses.ect_r(t, ect_stage(c, k, self.steps), c.q, c.k, c.b)
+        return losses.ect_loss(online, target, x0, draw_z(x0, gen), t, r, c.c, self.sigma_data)
+
+    def target_mu(self, k: int) -> float | None:
+        return None
+
+    def schedule(self, k: int) -> dict[str, float]:
+        return {"stage": ect_stage(self.cfg, k, self.steps)}
+
+
+@dataclass
+class SCMObjective:
+    """sCT / sCD in TrigFlow: the tangent g from a JVP of the stop-gradient net along the
+    trajectory, normalised and warmed up, under the learned adaptive weight w_phi(t)."""
+
+    cfg: SCMConfig
+    sigma_data: float
+    teacher: nn.Module | None = None
+    teacher_classes: int = 0
+
+    def loss(
+        self,
+        online: Net,
+        target: Net | None,
+        x0: torch.Tensor,
+        k: int,
+        gen: Generators,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        c, sd = self.cfg, self.sigma_data
+        sigma = losses.edm_sigma(x0.shape[0], c.P_mean, c.P_std, gen.index)
+        t = trigflow.time_of(sigma, sd).to(device=x0.device, dtype=x0.dtype)
+        z = draw_z(x0, gen) * sd
+        x_t = trigflow.x_t(x0, z, t)
+        dxdt = self._velocity(x0, z, x_t, t, labels)
+        rng = losses.capture_rng_state(x0.device)
+        F, logvar = online(x_t, t, trigflow=True)
+        jvp = self._jvp(target if target is not None else online, x_t, t, dxdt, rng)
+        r = trigflow.tangent_warmup(k, c.tangent_warmup)
+        g = trigflow.tangent(F.detach(), jvp, x_t, dxdt, t, sd, r)
+        g = trigflow.normalize_tangent(g, c.tangent_c)
+        prior = 1.0 / sigma.to(device=x0.device, dtype=x0.dtype) if c.prior_weight else None
+        return trigflow.scm_loss(F, F.detach(), g, logvar, prior)
+
+    def _velocity(self, x0, z, x_t, t, labels) -> torch.Tensor:
+        """dx_t/dt: from the data and noise (sCT), or the teacher's sigma_d F (sCD)."""
+        if self.cfg.mode == "ct":
+            return trigflow.velocity(x0, z, t)
+        teacher = conditioned(self.teacher, labels if self.teacher_classes else None)
+        with torch.no_grad():
+            return self.sigma_data * teacher(x_t, t, trigflow=True)[0]
+
+    def _jvp(self, net: Net, x_t, t, dxdt, rng: losses.RNGState) -> torch.Tensor:
+        """cos t sin t dF-/dt along the trajectory, with the online call's dropout masks."""
+
+        def F_minus(x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+            losses.restore_rng_state(rng)
+            return net(x, time, trigflow=True)[0]
+
+        v = torch.cos(t) * torch.sin(t)
+        v_x = per_sample(v, x_t) * dxdt
+        with torch.no_grad():
+            return trigflow.directional_derivative(
+                F_minus, x_t, t, v_x, v, self.cfg.jvp, self.cfg.fd_eps
+            )
+
+    def target_mu(self, k: int) -> float | None:
+        return None
+
+    def schedule(self, k: int) -> dict[str, float]:
+        return {"tangent_warmup": trigflow.tangent_warmup(k, self.cfg.tangent_warmup)}

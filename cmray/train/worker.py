@@ -149,7 +149,10 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """A copy whose local paths are absolute: Ray workers do not share the driver's cwd."""
     cfg = copy.deepcopy(cfg)
     cfg.data.manifest = absolute(cfg.data.manifest)
-    cfg.objective.cd.teacher = absolute(cfg.objective.cd.teacher)
+    for key in cfg.objective.SOURCE_FIELDS:
+        section, name = key.split(".")
+        owner = getattr(cfg.objective, section)
+        setattr(owner, name, absolute(getattr(owner, name)))
     cfg.objective.lpips_weights = absolute(cfg.objective.lpips_weights)
     cfg.run.storage_path = absolute(cfg.run.storage_path)
     cfg.quality.weights = absolute(cfg.quality.weights)
@@ -159,7 +162,8 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def preflight(cfg: TrainConfig) -> None:
-    """Checks that need the data or the teacher, run on the driver before any worker starts."""
+    """Checks that need the data or the model sources (teacher, initial weights), run on the
+    driver before any worker starts."""
     from cmray.config import ConfigError
     from cmray.data.manifest import read_manifest
 
@@ -179,12 +183,13 @@ def preflight(cfg: TrainConfig) -> None:
             "classes; class-conditional training needs shards with labels (.cls)",
             key="net.num_classes",
         )
-    teacher = cfg.objective.cd.teacher
-    if cfg.objective.kind == "cd" and not is_mlflow_uri(teacher):  # MLflow: fetched by workers
+    for key, source in cfg.objective.sources().items():
+        if is_mlflow_uri(source):  # fetched by the workers
+            continue
         try:
-            locate_model(teacher)
+            locate_model(source)
         except ModelSourceError as exc:
-            raise ConfigError(f"objective.cd.teacher: {exc}", key="objective.cd.teacher") from None
+            raise ConfigError(f"objective.{key}: {exc}", key=f"objective.{key}") from None
 
 
 def prepare(cfg: TrainConfig) -> TrainConfig:
