@@ -61,6 +61,7 @@ def _edit_command(args: argparse.Namespace) -> int:
             args.sigma,
             args.seed,
             clip=not args.no_clip,
+            eps=cfg.boundary,
         )
     except (OSError, ValueError) as exc:
         print(f"edit error: {exc}", file=sys.stderr)
@@ -183,7 +184,7 @@ def _sample_command(args: argparse.Namespace) -> int:
 
 def _draw(f: Any, cfg: Any, z: Any, gen: Any, args: argparse.Namespace) -> tuple[Any, int]:
     """Algorithm 1 for a consistency model; EDM's Heun sampler (35 NFE) for a teacher."""
-    from cmray.core.sampling import sample_multistep, sample_teacher_ode, taus_from_indices
+    from cmray.core.sampling import sample_multistep, sample_teacher_ode
     from cmray.core.schedules import karras_sigmas
 
     noise = cfg.noise
@@ -191,15 +192,21 @@ def _draw(f: Any, cfg: Any, z: Any, gen: Any, args: argparse.Namespace) -> tuple
         grid = karras_sigmas(args.points, noise.sigma_min, noise.sigma_max, noise.rho)
         result = sample_teacher_ode(f, z, grid.to(z.device), "heun", to_zero=True)
         return result.x.clamp(-1, 1), result.nfe
-    N = cfg.N or 40
-    middle = TWO_STEP_INDEX.get(N, round(17 / 39 * (N - 1)))
-    taus = args.taus or (
-        taus_from_indices([0, middle, N - 1], N, noise.sigma_min, noise.sigma_max, noise.rho)
-        if args.steps == 2
-        else []
-    )
-    result = sample_multistep(f, z, taus, gen, noise.sigma_min, noise.sigma_max, clip=(-1, 1))
+    taus = args.taus or (_two_step_taus(cfg) if args.steps == 2 else [])
+    result = sample_multistep(f, z, taus, gen, cfg.boundary, noise.sigma_max, clip=(-1, 1))
     return result.x, result.nfe
+
+
+def _two_step_taus(cfg: Any) -> list[float]:
+    """The published middle level: sCM's sigma_d tan(1.1), ECT's 0.821, or CD/CT's grid index."""
+    from cmray.core.sampling import taus_from_indices
+
+    fixed = cfg.two_step_sigma()
+    if fixed is not None:
+        return [fixed]
+    noise, N = cfg.noise, cfg.N or 40
+    middle = TWO_STEP_INDEX.get(N, round(17 / 39 * (N - 1)))
+    return taus_from_indices([0, middle, N - 1], N, noise.sigma_min, noise.sigma_max, noise.rho)
 
 
 def _fetch_command(args: argparse.Namespace) -> int:

@@ -331,3 +331,80 @@ def test_a_missing_init_is_a_config_error_naming_the_key(digits16: str, tmp_path
     cfg.objective.kind, cfg.objective.scm.mode = "scm", "cd"
     with pytest.raises(ConfigError, match=r"objective\.scm\.teacher is empty"):
         cfg.objective.__post_init__()
+
+
+@pytest.mark.parametrize("name", ["ect", "sct"])
+def test_the_model_file_knows_its_kind_and_samples_in_one_and_two_steps(
+    digits16: str, edm_file: str, tmp_path: Path, name: str, capsys: pytest.CaptureFixture
+) -> None:
+    from cmray.cli import _two_step_taus, main
+    from cmray.models import load_model
+    from cmray.models.diffusers import export_diffusers
+    from cmray.models.files import ModelSourceError
+    from cmray.train.loop import build_trainer, save_model_file
+
+    trainer = build_trainer(successor_config(digits16, edm_file, name), torch.device("cpu"))
+    path = save_model_file(trainer, tmp_path / "model.pt")
+    model, cfg = load_model(str(path))
+    assert cfg.kind == KINDS[name]["kind"] and cfg.boundary == 0.0 and cfg.N == 40
+    assert (model.logvar is not None) == (name == "sct")  # w_phi travels with an sCM model
+    x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 20.0])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, sigma), trainer.state.ema.copies[0].eval()(x, sigma))
+    expected = SD * math.tan(1.1) if name == "sct" else 0.821
+    assert _two_step_taus(cfg) == pytest.approx([expected])
+    for steps in ("1", "2"):
+        out = tmp_path / f"s{steps}.png"
+        assert (
+            main(
+                ["sample", "--model", str(path), "--num", "4", "--steps", steps, "--out", str(out)]
+            )
+            == 0
+        )
+        assert out.is_file() and f"({steps} NFE each)" in capsys.readouterr().out
+    with pytest.raises(ModelSourceError, match=r"accepted kinds: cd, ct"):
+        export_diffusers(str(path), tmp_path / "pipe")
+
+
+def _ddp_rank(rank: int, world: int, port: int, configs: dict, out: str) -> None:
+    """One DDP rank (gloo) training each config two steps on its own batch; saves its weights."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from cmray.config import from_dict
+    from cmray.train.config import TrainConfig
+    from cmray.train.loop import build_trainer
+    from cmray.train.state import unwrap
+    from cmray.train.step import train_step
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    for name, spec in configs.items():
+        cfg = from_dict(TrainConfig, spec)
+        trainer = build_trainer(cfg, torch.device("cpu"), rank, world, wrap=DistributedDataParallel)
+        x0 = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(rank)) * 2 - 1
+        for _ in range(2):
+            args = (trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen)
+            assert train_step(trainer.state, *args).finite
+        torch.save(unwrap(trainer.state.online).state_dict(), Path(out) / f"{name}-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_stay_identical_including_the_adaptive_weight(
+    digits16: str, edm_file: str, tmp_path: Path
+) -> None:
+    """Two gloo ranks on different batches: DDP averages every gradient (sCM's w_phi too, which
+    the online call returns through DDP's forward), so the ranks' weights stay equal."""
+    from helpers import free_port
+
+    from cmray.config import to_dict
+
+    configs = {name: to_dict(successor_config(digits16, edm_file, name)) for name in ("ect", "sct")}
+    torch.multiprocessing.spawn(_ddp_rank, (2, free_port(), configs, str(tmp_path)), nprocs=2)
+    for name in configs:
+        a, b = (torch.load(tmp_path / f"{name}-{r}.pt", weights_only=True) for r in (0, 1))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    weight = torch.load(tmp_path / "sct-0.pt", weights_only=True)["logvar.linear.weight"]
+    assert weight.abs().sum() > 0  # w_phi trained from its zero start

@@ -236,23 +236,28 @@ def test_trials_asha_stops_free_their_workers_for_the_next(tmp_path: Path) -> No
 def test_digits_search_logs_children_and_crowns_a_champion(
     digits16: str, mlflow_server: str, ray_cluster: str, tmp_path: Path
 ) -> None:
-    """A 2-trial CT search on real shards, submitted to a running cluster (RAY_ADDRESS): each
-    trial a TorchTrainer, a child run of the search's MLflow run (artifacts in S3), and the
-    best trial's model @champion."""
+    """A search over the objective itself (ECT against sCT, both tuned from one EDM model) on
+    real shards, submitted to a running cluster (RAY_ADDRESS): each trial a TorchTrainer, a
+    child run of the search's MLflow run (artifacts in S3), and the best trial's model
+    @champion."""
     from mlflow import MlflowClient
     from test_train import tiny_config
 
     from cmray.config import save_config
+    from cmray.models import ModelConfig, build_model, write_model_file
 
     base = tiny_config(digits16, steps=8, checkpoint_every=4, log_every=2)
     base.quality.every, base.quality.features = 4, "digits"
     base.quality.num_samples = base.quality.batch_size = 100
+    edm = ModelConfig(kind="edm", net=base.net, noise=base.objective.noise)
+    write_model_file(tmp_path / "edm.pt", edm, build_model(edm).state_dict())
+    base.objective.ect.init = base.objective.scm.init = str(tmp_path / "edm.pt")
     save_config(base, tmp_path / "base.yaml")
     config = tmp_path / "tune.yaml"
     search = {
         "experiment": "train",
         "base": str(tmp_path / "base.yaml"),
-        "space": [{"key": "optim.lr", "kind": "grid", "values": [1.0e-6, 1.0e-3]}],
+        "space": [{"key": "objective.kind", "kind": "grid", "values": ["ect", "scm"]}],
         "num_samples": 1,
         "scheduler": {"enabled": False},
         "run": {"name": "img", "storage_path": str(tmp_path / "runs")},
@@ -273,7 +278,7 @@ def test_digits_search_logs_children_and_crowns_a_champion(
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and len(runs) == 3
-    assert sorted(float(r.data.params["optim.lr"]) for r in children) == [1.0e-6, 1.0e-3]
+    assert sorted(r.data.params["objective.kind"] for r in children) == ["ect", "scm"]
     for child in children:
         assert child.info.status == "FINISHED"
         history = client.get_metric_history(child.info.run_id, "fd_digits")

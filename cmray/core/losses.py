@@ -127,24 +127,24 @@ def ct_loss(
 
 
 def ect_n(t: torch.Tensor, k: float = 8.0, b: float = 1.0) -> torch.Tensor:
-    """ECT Sec. 3.3 (mapping function): n(t) = 1 + k sigmoid(-b t)."""
+    """ECT (Geng et al. 2024) mapping function, as its released code: n(t) = 1 + k sigmoid(-b t)."""
     return 1.0 + k * torch.sigmoid(-b * t)
 
 
 def ect_r(t: torch.Tensor, stage: int, q: float = 4.0, k: float = 8.0, b: float = 1.0):
-    """ECT Sec. 3.3: r = max(0, t (1 - q^-(s+1) n(t))); r -> t as the stage s grows."""
+    """ECT mapping function: r = max(0, t (1 - q^-(s+1) n(t))); r -> t as the stage s grows."""
     return (t * (1.0 - q ** -(stage + 1) * ect_n(t, k, b))).clamp(min=0.0)
 
 
 def ect_weight(t: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
-    """ECT Sec. 3.3 ("SNR + k"): w(t) = 1 / t^2 + 1 / sigma_data^2."""
+    """ECT weighting ("SNR + k"): w(t) = 1 / t^2 + 1 / sigma_data^2."""
     return 1.0 / t**2 + 1.0 / sigma_data**2
 
 
 def ect_target(
     f_target: ConsistencyFn, x0: torch.Tensor, z: torch.Tensor, r: torch.Tensor
 ) -> torch.Tensor:
-    """ECT Sec. 3: stopgrad f(x_0 + r z, r), and x_0 itself where r = 0 (f(x, 0) = x)."""
+    """ECT target: stopgrad f(x_0 + r z, r), and x_0 itself where r = 0 (f(x, 0) = x)."""
     with torch.no_grad():
         target = f_target(x0 + per_sample(r, x0) * z, r)
     return torch.where(per_sample(r, x0) > 0, target, x0)
@@ -160,7 +160,7 @@ def ect_loss(
     c: float = 0.0,
     sigma_data: float = 0.5,
 ) -> torch.Tensor:
-    """ECT Eq. 6: w(t) (sqrt(||f(x_t, t) - stopgrad f(x_r, r)||^2 + c^2) - c), the same z for
+    """ECT loss: w(t) (sqrt(||f(x_t, t) - stopgrad f(x_r, r)||^2 + c^2) - c), the same z for
     x_t and x_r and the same dropout mask in both calls; c = 0 is the plain l2 norm."""
     t, r = t.to(device=x0.device, dtype=x0.dtype), r.to(device=x0.device, dtype=x0.dtype)
     rng = capture_rng_state(x0.device)

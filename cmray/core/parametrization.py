@@ -122,7 +122,7 @@ class ConsistencyFunction(nn.Module):
     def trigflow(
         self, x_t: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """sCM Sec. 2 (TrigFlow from EDM): F(x_t / sigma_d, t) = -F_net(x_t / sigma_d,
+        """sCM App. B.2 (TrigFlow from EDM): F(x_t / sigma_d, t) = -F_net(x_t / sigma_d,
         c_noise(sigma_d tan t)), and w_phi(t) (None without a weight head).
 
         With sigma = sigma_d tan t and x_sigma = x_t / cos t, EDM's scalings become

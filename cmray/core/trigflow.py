@@ -24,12 +24,12 @@ JVPMethod = Literal["jvp", "fd"]
 
 
 def time_of(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """sCM Sec. 2 (EDM to TrigFlow): t = arctan(sigma / sigma_d)."""
+    """sCM App. B.2, Eq. 30 (EDM to TrigFlow): t = arctan(sigma / sigma_d)."""
     return torch.atan2(sigma, torch.full_like(sigma, sigma_data))
 
 
 def sigma_of(t: torch.Tensor | float, sigma_data: float) -> torch.Tensor | float:
-    """sCM Sec. 2 (TrigFlow to EDM): sigma = sigma_d tan t.
+    """sCM App. B.2, Eq. 30 inverted (TrigFlow to EDM): sigma = sigma_d tan t.
 
     A TrigFlow step to t, x_t = cos(t) x + sin(t) sigma_d z', is the EDM step x + sigma z' at
     this sigma seen through x_sigma = x_t / cos t, so Algorithm 1 at sigma_d tan(1.1) with no
@@ -39,13 +39,13 @@ def sigma_of(t: torch.Tensor | float, sigma_data: float) -> torch.Tensor | float
 
 
 def x_t(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """sCM Eq. 7 (TrigFlow forward process): x_t = cos(t) x_0 + sin(t) z."""
+    """sCM Sec. 3 (TrigFlow diffusion process): x_t = cos(t) x_0 + sin(t) z."""
     t = per_sample(t, x0)
     return torch.cos(t) * x0 + torch.sin(t) * z
 
 
 def velocity(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """sCM Sec. 4 (sCT): dx_t/dt = cos(t) z - sin(t) x_0, from the data and the noise."""
+    """sCM Eq. 4's v_t (sCT): dx_t/dt = cos(t) z - sin(t) x_0, from the data and the noise."""
     t = per_sample(t, x0)
     return torch.cos(t) * z - torch.sin(t) * x0
 
@@ -53,7 +53,7 @@ def velocity(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor
 def f_trigflow(
     x: torch.Tensor, t: torch.Tensor, F: torch.Tensor, sigma_data: float
 ) -> torch.Tensor:
-    """sCM Eq. 9: f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, t)."""
+    """sCM Eq. 5: f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, t)."""
     t = per_sample(t, x)
     return torch.cos(t) * x - torch.sin(t) * sigma_data * F
 
@@ -67,7 +67,8 @@ def tangent(
     sigma_data: float,
     r: float = 1.0,
 ) -> torch.Tensor:
-    """sCM Eq. 8/10: g = -cos^2 t (sigma_d F- - dx_t/dt) - r (cos t sin t x_t + sigma_d jvp),
+    """sCM Eq. 6 times cos t (Algorithm 1): g = -cos^2 t (sigma_d F- - dx_t/dt)
+    - r (cos t sin t x_t + sigma_d jvp),
 
     with ``jvp`` = cos t sin t dF-/dt (the JVP along tangents cos t sin t (dx_t/dt, 1)) and r the
     warm-up factor. At r = 1, g = cos(t) df-/dt: the consistency function's drift along the ODE.
@@ -95,7 +96,7 @@ def scm_loss(
     logvar: torch.Tensor | None = None,
     prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """sCM Eq. 11: ||F_theta - F- - g||^2 / (exp(w_phi(t)) D) + w_phi(t), per sample.
+    """sCM Eq. 8 (adaptive weighting): ||F_theta - F- - g||^2 / (exp(w_phi(t)) D) + w_phi(t).
 
     ``logvar`` is w_phi(t) (None: weight 1, no log term); ``prior`` an optional extra weight
     per sample (sCM's 1/sigma). The mean over dimensions is the division by D.

@@ -151,7 +151,7 @@ class Featurizer:
             z.to(self.device),
             task.taus,
             steps,
-            noise.sigma_min,
+            self.model_cfg.boundary,
             noise.sigma_max,
             clip=(-1.0, 1.0),
         ).x

@@ -54,11 +54,13 @@ def run_edit(
     sigma: float,
     seed: int,
     clip: bool = True,
+    eps: float = 0.002,
 ) -> torch.Tensor:
     """The side-by-side panel image for one task, in [-1, 1]; ``clip`` clamps each denoised
-    estimate before the projection (Algorithm 4 as the reference runs it)."""
+    estimate before the projection (Algorithm 4 as the reference runs it); ``eps`` is the
+    model's boundary (``ModelConfig.boundary``: 0 for ECT and sCM)."""
     g = torch.Generator().manual_seed(seed)
-    kw = {"generator": g, "clip": editing.CLIP if clip else None}
+    kw = {"generator": g, "clip": editing.CLIP if clip else None, "eps": eps}
     ts = list(sigmas)
     if task == "interpolate":
         z1, z2 = (torch.randn(1, 3, resolution, resolution, generator=g) for _ in range(2))

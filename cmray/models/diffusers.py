@@ -210,6 +210,12 @@ def export_diffusers(source: str, out: str | os.PathLike[str]) -> Path:
     cfg, weights = read_model(source)
     if not cfg.is_consistency or not cfg.N:
         raise ModelSourceError(f"{source}: a {cfg.kind} model has no consistency pipeline")
+    if cfg.boundary != cfg.noise.sigma_min:
+        raise ModelSourceError(
+            f"{source}: a {cfg.kind} model keeps EDM's scalings (f(x, 0) = x); diffusers' "
+            "consistency scheduler shifts them by sigma_min, so it would sample another "
+            "function; accepted kinds: cd, ct (sample this one with cmray sample)"
+        )
     unet = UNet2DModel(**unet2d_config(cfg.net))
     unet.load_state_dict(to_diffusers_weights(cfg.net, _unet_weights(weights)))
     scheduler = CMStochasticIterativeScheduler(

@@ -1,4 +1,4 @@
-"""sCM's learned adaptive weight w_phi(t) (Lu & Song 2024, Sec. 4.2 "adaptive weighting").
+"""sCM's learned adaptive weight w_phi(t) (Lu & Song 2024, Sec. 4.2 and Eq. 8).
 
 A tiny network of the noise level alone: the loss at each level is divided by exp(w_phi(t)) and
 w_phi(t) is added, so w_phi learns the log of that level's loss scale and every level
