@@ -2,6 +2,7 @@
 
     python benchmarks/activation_memory.py            # CD-LPIPS as shipped, bf16
     python benchmarks/activation_memory.py --config configs/lsun_bedroom256_ct_lpips.yaml
+    python benchmarks/activation_memory.py --config configs/lsun_bedroom256_scd.yaml  # sCM
 
 The loss of the shipped config's real step (``objective.loss``, under the step's autocast) runs
 on fake tensors (``torch._subclasses.FakeTensorMode``): every operator computes shapes and
@@ -53,7 +54,7 @@ from gpu_cd_step import parse_args as step_args
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from cmray.train.loop import Trainer, build_trainer
-from cmray.train.step import autocast
+from cmray.train.step import autocast, stopgrad_net
 
 ESTIMATED_GIB_AT_32 = 115.0  # the estimate the shipped configs' comments cite
 GIB = 2**30
@@ -92,7 +93,8 @@ def saved_bytes(trainer: Trainer, batch: int, fake: bool = True) -> dict[str, in
         x0 = torch.rand(batch, 3, res, res).contiguous(memory_format=torch.channels_last)
         state, hooks = trainer.state, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
         with hooks, autocast(trainer.cfg.loop.precision, trainer.device):
-            trainer.objective.loss(state.online, state.target, x0, state.step, trainer.gen)
+            target = stopgrad_net(state)  # the EMA target, or ECT's and sCM's online net
+            trainer.objective.loss(state.online, target, x0, state.step, trainer.gen)
     by_dtype: dict[str, int] = {}
     for nbytes, dtype in saved.values():
         by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
@@ -109,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start("cpu", None)
     forwarded = ["--config", args.config, "--device", "cpu"]
-    forwarded += [w for kv in args.set for w in ("--set", kv)]
+    # sCM's tangent: forward-mode AD cannot run on fake tensors; the finite difference, under
+    # no_grad like the JVP, saves the same for backward (nothing).
+    forwarded += [w for kv in [*args.set, "objective.scm.jvp=fd"] for w in ("--set", kv)]
     forwarded += ["--preset", args.preset] if args.preset else []
     step = step_args(forwarded)
     # The random teacher and VGG16 files are gigabytes at LSUN size: always removed.
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         shipped = make_config(step, work, "shipped")
         if shipped.objective.metric == "lpips":
             write_random_vgg16(work / VGG16_FILE)
-        if shipped.objective.kind == "cd":
+        if shipped.objective.sources():  # CD's teacher, ECT's and sCM's start
             write_teacher(shipped, work / TEACHER_FILE)
         trainer = build_trainer(make_config(step, work, "off"), torch.device("cpu"))
     report(trainer, shipped.data.batch_size // shipped.loop.microbatches, args)

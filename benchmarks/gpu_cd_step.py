@@ -60,6 +60,8 @@ ASSUMED_FORWARDS = {"cd": 6, "ct": 4, "edm": 3}
 ASSUMED_MFU = 0.40
 
 
+SOURCE_KEYS = {"cd": ("cd.teacher",), "ect": ("ect.init",), "scm": ("scm.init", "scm.teacher")}
+
 SETTINGS = {
     "shipped": "the config as shipped (its batch, microbatches and checkpointing)",
     "off": "one pass per step, no activation checkpointing",
@@ -120,8 +122,10 @@ def make_config(args: argparse.Namespace, work: Path, setting: str) -> TrainConf
     objective = data.get("objective", {})
     if objective.get("metric") == "lpips":
         values["objective.lpips_weights"] = str(work / VGG16_FILE)
-    if objective.get("kind") == "cd":
-        values["objective.cd.teacher"] = str(work / TEACHER_FILE)
+    # Every model source the objective reads (CD's teacher, ECT's and sCM's start, sCD's
+    # teacher) is the one random EDM file.
+    for key in SOURCE_KEYS.get(objective.get("kind"), ()):
+        values[f"objective.{key}"] = str(work / TEACHER_FILE)
     return from_dict(TrainConfig, with_values(data, values))
 
 
@@ -271,7 +275,7 @@ def benchmark(args: argparse.Namespace, device: torch.device, work: Path) -> int
     args.peak_tflops = args.peak_tflops or peak_tflops(name)
     write_random_vgg16(work / VGG16_FILE)
     shipped = make_config(args, work, "shipped")
-    if shipped.objective.kind == "cd":
+    if shipped.objective.sources():  # CD's teacher, ECT's and sCM's start
         write_teacher(shipped, work / TEACHER_FILE)
     # Counted at batch 1: FLOPs are linear in the batch, and the smallest one surely fits.
     flops = count_flops(build_trainer(make_config(args, work, "off"), device), 1)

@@ -87,3 +87,34 @@ def test_activation_memory_reports_the_largest_pass(activation_memory, capsys):
     per_image = float(re.search(r"per image: ([0-9.]+) GiB", out).group(1))
     largest = int(re.search(r"largest pass on 80 GiB .*: (\d+)", out).group(1))
     assert per_image > 0 and largest > 1000  # a 1.4M-parameter net at 32x32
+
+
+def test_an_scm_step_saves_the_same_with_its_jvp_as_with_the_fake_count(
+    activation_memory, tmp_path
+):
+    """The fake count runs sCM's tangent as a finite difference (forward-mode AD cannot run on
+    fake tensors); the real step with its JVP saves exactly the same for backward."""
+    import torch
+
+    from cmray.config import from_dict, to_dict, with_values
+    from cmray.train.config import TrainConfig
+    from cmray.train.loop import build_trainer
+
+    scd = ["--config", "configs/lsun_bedroom256_scd.yaml", "--preset", "tiny", "--device", "cpu"]
+    cfg = activation_memory.make_config(activation_memory.step_args(scd), tmp_path, "off")
+    activation_memory.write_teacher(cfg, tmp_path / activation_memory.TEACHER_FILE)
+    counts = {}
+    for method in ("jvp", "fd"):
+        spec = with_values(to_dict(cfg), {"objective.scm.jvp": method})
+        trainer = build_trainer(from_dict(TrainConfig, spec), torch.device("cpu"))
+        counts[method] = activation_memory.saved_bytes(trainer, 2, fake=method == "fd")
+    assert counts["jvp"] == counts["fd"] and counts["fd"]["bfloat16"] > 0
+
+
+def test_objective_cost_times_every_objective_against_ct(import_benchmark, capsys):
+    objective_cost = import_benchmark("objective_cost")
+    assert objective_cost.main(["--repeats", "1", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    rates = dict(re.findall(r"^\s+(\w+)\s+[0-9.]+ images/s\s+ratio to ct ([0-9.]+)", out, re.M))
+    assert set(rates) == {"ct", "cd", "ect", "sct", "scd"} and rates["ct"] == "1.00"
+    assert all(float(r) > 0 for r in rates.values())

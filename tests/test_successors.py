@@ -408,3 +408,16 @@ def test_ddp_ranks_stay_identical_including_the_adaptive_weight(
         assert all(torch.equal(a[k], b[k]) for k in a), name
     weight = torch.load(tmp_path / "sct-0.pt", weights_only=True)["logvar.linear.weight"]
     assert weight.abs().sum() > 0  # w_phi trained from its zero start
+
+
+def test_the_init_must_have_the_students_shape_but_may_train_with_other_dropout(
+    digits16: str, edm_file: str
+) -> None:
+    from cmray.train.loop import build_trainer
+
+    cfg = successor_config(digits16, edm_file, "ect")
+    cfg.net.dropout = 0.3  # the file's is 0.1: fine
+    build_trainer(cfg, torch.device("cpu"))
+    cfg.net.channel_mult = [1, 1]
+    with pytest.raises(ValueError, match=r"differs in \{'channel_mult': \[1, 1\]\}"):
+        build_trainer(cfg, torch.device("cpu"))

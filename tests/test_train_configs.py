@@ -21,7 +21,17 @@ TRAIN = [str(ROOT / "pipelines" / "train.py")]
 
 @pytest.mark.parametrize(
     "name",
-    ["lsun_bedroom256_cd_lpips", "lsun_bedroom256_ct_lpips", "lsun_bedroom256_edm", "digits_ct"],
+    [
+        "lsun_bedroom256_cd_lpips",
+        "lsun_bedroom256_ct_lpips",
+        "lsun_bedroom256_edm",
+        "lsun_bedroom256_ect",
+        "lsun_bedroom256_scd",
+        "digits_ct",
+        "digits_edm",
+        "digits_ect",
+        "digits_sct",
+    ],
 )
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(TrainConfig, ROOT / "configs" / f"{name}.yaml")
@@ -46,6 +56,20 @@ def test_lsun_configs_carry_the_reference_settings() -> None:
     for cfg in (cd, ct):
         assert cfg.data.batch_size * cfg.run.num_workers == 256  # the reference global batch
         assert cfg.net.channel_mult == [1, 1, 2, 2, 4, 4] and cfg.objective.metric == "lpips"
+
+
+def test_lsun_successor_configs_start_from_the_released_teacher() -> None:
+    ect = load_config(TrainConfig, ROOT / "configs" / "lsun_bedroom256_ect.yaml")
+    scd = load_config(TrainConfig, ROOT / "configs" / "lsun_bedroom256_scd.yaml")
+    teacher = "s3://YOUR-BUCKET/models/edm_bedroom256.pt"  # infra/README.md's staged import
+    assert ect.objective.sources() == {"ect.init": teacher}
+    assert scd.objective.sources() == {"scm.teacher": teacher} and scd.objective.init == teacher
+    assert (ect.objective.ect.P_mean, ect.objective.ect.P_std) == (-1.1, 2.0)
+    assert (scd.objective.scm.tangent_warmup, scd.objective.scm.tangent_c) == (10000, 0.1)
+    lsun = load_config(TrainConfig, ROOT / "configs" / "lsun_bedroom256_edm.yaml")
+    for cfg in (ect, scd):  # the released teacher's network, so its weights load
+        assert cfg.net.channel_mult == lsun.net.channel_mult and cfg.net.resolution == 256
+        assert cfg.data.batch_size * cfg.run.num_workers == 256
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,11 @@ def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float | None = None) -> to
     """iCT Sec. 3.3: d(x, y) = sqrt(||x - y||_2^2 + c^2) - c, on each sample's full norm."""
     if c is None:
         c = pseudo_huber_c(x[0].numel())
+    if c == 0:
+        # The plain l2 norm (ECT's c = 0), whose gradient at x = y is 0, not sqrt's 0 * inf:
+        # in float32 x_t and x_r round to the same point for tiny t - r, and one NaN
+        # gradient would stall the run.
+        return torch.linalg.vector_norm((x - y).reshape(x.shape[0], -1), dim=1)
     return torch.sqrt(sum_flat((x - y) ** 2) + c**2) - c
 
 

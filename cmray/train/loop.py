@@ -114,12 +114,19 @@ def initialise_from(online: ConsistencyFunction, cfg: TrainConfig) -> None:
     if not source:
         return
     model, model_cfg = load_edm(source, cfg, torch.device("cpu"))
-    if to_dict(model_cfg.net) != to_dict(cfg.net):
+    theirs, ours = _shape(model_cfg.net), _shape(cfg.net)
+    if theirs != ours:
+        wrong = {k: v for k, v in ours.items() if theirs[k] != v}
         raise ValueError(
-            f"{source} has net {to_dict(model_cfg.net)}; the student's net must match it "
+            f"{source} has net {theirs}; the student's differs in {wrong} "
             "(set net: to that model's network)"
         )
     online.net.load_state_dict(model.net.state_dict())
+
+
+def _shape(net: Any) -> dict[str, Any]:
+    # Dropout and checkpointing are how a net trains, not what its weights are.
+    return {k: v for k, v in to_dict(net).items() if k not in ("dropout", "use_checkpoint")}
 
 
 def make_objective(cfg: TrainConfig, device: torch.device) -> Objective:

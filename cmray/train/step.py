@@ -59,7 +59,7 @@ def _accumulate(
     for i, (chunk, y) in enumerate(zip(chunks, label_chunks, strict=True)):
         with _no_sync(state.online, i == len(chunks) - 1):
             with autocast(loop.precision, x0.device):
-                nets = conditioned(state.online, y), conditioned(_stopgrad_net(state), y)
+                nets = conditioned(state.online, y), conditioned(stopgrad_net(state), y)
                 loss = objective.loss(*nets, chunk, state.step, gen, y).mean()
             scaled = loss / len(chunks)
             (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
@@ -68,7 +68,7 @@ def _accumulate(
     return sum(value / len(chunks) for value in torch.stack(losses).tolist())
 
 
-def _stopgrad_net(state: TrainState) -> torch.nn.Module:
+def stopgrad_net(state: TrainState) -> torch.nn.Module:
     """theta-: the EMA target network where there is one (CD, CT); otherwise the online
     weights themselves, unwrapped from DDP because no gradient flows through them (ECT, sCM)."""
     return state.target if state.target is not None else unwrap(state.online)

@@ -6,6 +6,7 @@ draw comes from the generator passed in, so a run is a function of its seed.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator
 
@@ -17,7 +18,9 @@ from cmray.core.parametrization import ConsistencyFunction, Parametrization, Sco
 from cmray.core.solvers import Denoiser
 from cmray.data.toy import RingMixture
 from cmray.nets.toy_mlp import ToyMLP
+from cmray.nets.weighting import AdaptiveWeight
 from cmray.train.curriculum import ct_curriculum, ct_indices
+from cmray.train.objectives import ECTObjective, Generators, SCMObjective
 from cmray.train.toy_config import CDConfig, NetConfig, OptimConfig, Toy2DConfig
 
 Log = Callable[[str], None]
@@ -220,6 +223,79 @@ def train_ct(
 
     fit(online, loss_fn, data, ct.optim, generator, update_target, log, "ct")
     return online.eval(), target.eval()
+
+
+def tuned_student(teacher: nn.Module, weight: bool = False) -> ConsistencyFunction:
+    """ECT's and sCM's start: the teacher's own network and EDM scalings (f(x, 0) = x), with a
+    fresh adaptive weight w_phi for sCM."""
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    if weight:
+        student.logvar = AdaptiveWeight()
+    return student
+
+
+def train_ect(
+    cfg: Toy2DConfig,
+    data: torch.Tensor,
+    teacher: nn.Module,
+    generator: torch.Generator,
+    log: Log | None = None,
+) -> ConsistencyFunction:
+    """Easy Consistency Tuning from the teacher: stop-gradient of the online net as target."""
+    ec = cfg.ect
+    student = tuned_student(teacher)
+    sigma_data = student.parametrization.sigma_data
+    objective = ECTObjective(ec.loss, sigma_data, total_steps(data.shape[0], ec.optim))
+    gens = Generators(generator, generator)
+
+    def loss_fn(step: int, x0: torch.Tensor) -> torch.Tensor:
+        return objective.loss(student, student, x0, step, gens).mean()
+
+    return _fit_with_ema(student, loss_fn, data, ec.optim, ec.ema, generator, log, "ect")
+
+
+def train_sct(
+    cfg: Toy2DConfig,
+    data: torch.Tensor,
+    teacher: nn.Module,
+    generator: torch.Generator,
+    log: Log | None = None,
+) -> ConsistencyFunction:
+    """sCT in TrigFlow from the teacher's weights: dx/dt from data and noise, JVP tangent."""
+    sc = cfg.sct
+    student = tuned_student(teacher, weight=True)
+    objective = SCMObjective(sc.loss, student.parametrization.sigma_data)
+    gens = Generators(generator, generator)
+
+    def loss_fn(step: int, x0: torch.Tensor) -> torch.Tensor:
+        return objective.loss(student, student, x0, step, gens).mean()
+
+    return _fit_with_ema(student, loss_fn, data, sc.optim, sc.ema, generator, log, "sct")
+
+
+def _fit_with_ema(
+    student: ConsistencyFunction,
+    loss_fn: LossFn,
+    data: torch.Tensor,
+    optim: OptimConfig,
+    rate: float,
+    generator: torch.Generator,
+    log: Log | None,
+    name: str,
+) -> ConsistencyFunction:
+    """Train ``student``; return its EMA copy at ``rate`` (the online net itself at 0)."""
+    average = ema.frozen_copy(student)
+    fit(
+        student,
+        loss_fn,
+        data,
+        optim,
+        generator,
+        lambda _: ema.ema_update_(average, student, rate),
+        log,
+        name,
+    )
+    return average.eval()
 
 
 class Student:

@@ -7,6 +7,7 @@ from typing import Literal
 
 from cmray.config import param
 from cmray.models.config import NoiseConfig
+from cmray.train.config import ECTConfig, SCMConfig
 from cmray.train.curriculum import CurriculumConfig
 
 
@@ -88,6 +89,29 @@ class CTConfig(CurriculumConfig):
 
 
 @dataclass
+class ToyECTConfig:
+    """ECT tuned from the ring's EDM teacher (its ``init`` is ignored: the teacher is it)."""
+
+    loss: ECTConfig = param(default_factory=ECTConfig, help="the ECT settings")
+    ema: float = param(
+        0.999, help="rate of the EMA copy that is sampled (0: the online net)", ge=0, lt=1
+    )
+    optim: OptimConfig = param(default_factory=OptimConfig, help="the optimiser")
+
+
+@dataclass
+class ToySCTConfig:
+    """sCT (TrigFlow) from the ring's EDM teacher's weights (``mode``, ``init``, ``teacher``
+    are ignored: sCT, from the teacher)."""
+
+    loss: SCMConfig = param(default_factory=SCMConfig, help="the sCM settings")
+    ema: float = param(
+        0.999, help="rate of the EMA copy that is sampled (0: the online net)", ge=0, lt=1
+    )
+    optim: OptimConfig = param(default_factory=OptimConfig, help="the optimiser")
+
+
+@dataclass
 class EvalConfig:
     """How samples are drawn and scored."""
 
@@ -112,7 +136,7 @@ class ToyTrialConfig:
 
 @dataclass
 class Toy2DConfig:
-    """The whole 2D experiment: data, teacher, CD and CT students, evaluation."""
+    """The whole 2D experiment: data, teacher, CD, CT, ECT and sCT students, evaluation."""
 
     seed: int = param(0, help="seed of every random draw in the run", ge=0)
     ring: RingConfig = param(default_factory=RingConfig, help="the target distribution")
@@ -120,4 +144,6 @@ class Toy2DConfig:
     teacher: TeacherConfig = param(default_factory=TeacherConfig, help="the diffusion teacher")
     cd: CDConfig = param(default_factory=CDConfig, help="the CD student")
     ct: CTConfig = param(default_factory=CTConfig, help="the CT student")
+    ect: ToyECTConfig = param(default_factory=ToyECTConfig, help="the ECT student")
+    sct: ToySCTConfig = param(default_factory=ToySCTConfig, help="the sCT student")
     eval: EvalConfig = param(default_factory=EvalConfig, help="evaluation")
