@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from cmray.config import load_config
+from cmray.core.sampling import sample_onestep
+from cmray.eval.toy import energy_distance
 from cmray.experiments import toy2d
 from cmray.train.toy_config import Toy2DConfig
 
@@ -18,6 +20,8 @@ SHORT = [
     "teacher.optim.epochs=500",
     "cd.optim.epochs=200",
     "ct.optim.epochs=400",
+    "ect.optim.epochs=300",
+    "sct.optim.epochs=200",
     "eval.num_samples=1000",
     "eval.reference_samples=2000",
     "eval.trajectories=8",
@@ -55,6 +59,25 @@ def test_short_run_reaches_the_quality_bar(short_run):
     assert cd1["modes_hit"] >= 7 and cd1["energy_distance"] < 0.2
     assert broken["CD, 1 step"]["energy_distance"] > 20 * cd1["energy_distance"]
     assert ct1["energy_distance"] < 0.5 * broken["CT, 1 step"]["energy_distance"]
+
+
+@pytest.mark.slow
+def test_ect_and_sct_tuned_from_the_teacher_beat_ct(short_run):
+    """Measured on this budget (energy distance): teacher 0.028, CT 0.218, ECT 0.089, sCT 0.084,
+    and the teacher's own one-step map D(T z, T), where both start, 1.73. The issue's target,
+    1.5x the teacher, is not reached (see benchmarks/RESULTS.md)."""
+    cfg, out, by_name = short_run
+    teacher, ct1 = by_name["teacher"], by_name["CT, 1 step"]
+    models = toy2d.load_models(cfg, out / "models.pt")
+    start = sample_onestep(models.teacher, torch.randn(1000, 2), cfg.noise.sigma_max).x
+    reference = toy2d.toy.ring_of(cfg).sample(1000, torch.Generator().manual_seed(9))
+    start_distance = energy_distance(start, reference)
+    for name in ("ECT, 1 step", "sCT, 1 step"):
+        student = by_name[name]
+        assert student["nfe"] == 1 and student["modes_hit"] >= 7, student
+        assert student["energy_distance"] < 0.5 * ct1["energy_distance"], (name, student)
+        assert student["energy_distance"] < 4 * teacher["energy_distance"], (name, student)
+        assert student["energy_distance"] < 0.1 * start_distance, (name, start_distance)
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """The tutorial's 2D experiment (Sec. 4) end to end: train, sample, score, plot, save.
 
-Teacher (100-point PF-ODE solve, 99 NFE), CD student (1 and 2 steps), CT student (1 step), each
-scored on the same number of samples against fresh draws from the true ring mixture.
+Teacher (100-point PF-ODE solve, 99 NFE), CD student (1 and 2 steps), CT student (1 step), and
+the successors tuned from the teacher, ECT and sCT (1 step each), all scored on the same number of
+samples against fresh draws from the true ring mixture.
 """
 
 from __future__ import annotations
@@ -30,11 +31,16 @@ MODELS_FILE = "models.pt"
 
 @dataclass
 class ToyModels:
-    """The three trained networks of a run (students as their EMA target, used for sampling)."""
+    """The trained networks of a run (CD/CT students as their EMA target, used for sampling)."""
 
     teacher: torch.nn.Module
     cd: ConsistencyFunction
     ct: ConsistencyFunction
+    ect: ConsistencyFunction
+    sct: ConsistencyFunction
+
+
+NAMES = ("teacher", "cd", "ct", "ect", "sct")
 
 
 def train_teacher(
@@ -48,11 +54,14 @@ def train_teacher(
 
 
 def train_all(cfg: Toy2DConfig, log: Log | None = None) -> ToyModels:
-    """Teacher, then CD from it, then CT from data alone; one generator seeds all three."""
+    """Teacher, then CD from it, CT from data alone, ECT and sCT tuned from the teacher's
+    weights; one generator seeds them all."""
     teacher, data, generator = train_teacher(cfg, log)
     _, cd = toy.train_cd(cfg, data, teacher, generator, log)
     _, ct = toy.train_ct(cfg, data, generator, log)
-    return ToyModels(teacher, cd, ct)
+    ect = toy.train_ect(cfg, data, teacher, generator, log)
+    sct = toy.train_sct(cfg, data, teacher, generator, log)
+    return ToyModels(teacher, cd, ct, ect, sct)
 
 
 def samplers(cfg: Toy2DConfig, models: ToyModels, z: torch.Tensor) -> dict[str, Callable]:
@@ -70,6 +79,8 @@ def samplers(cfg: Toy2DConfig, models: ToyModels, z: torch.Tensor) -> dict[str, 
             models.cd, z, tau, torch.Generator().manual_seed(cfg.seed + 2), noise.sigma_min, T
         ),
         "CT, 1 step": lambda: sample_onestep(models.ct, z, T),
+        "ECT, 1 step": lambda: sample_onestep(models.ect, z, T),
+        "sCT, 1 step": lambda: sample_onestep(models.sct, z, T),
     }
 
 
@@ -108,8 +119,8 @@ def write_figures(cfg: Toy2DConfig, models: ToyModels, samples: dict, out: Path)
 
 
 def save_models(models: ToyModels, path: Path) -> None:
-    """State dicts of the three networks, written atomically."""
-    state = {k: getattr(models, k).state_dict() for k in ("teacher", "cd", "ct")}
+    """State dicts of the networks, written atomically."""
+    state = {k: getattr(models, k).state_dict() for k in NAMES}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     os.close(fd)
     try:
@@ -123,12 +134,15 @@ def save_models(models: ToyModels, path: Path) -> None:
 def load_models(cfg: Toy2DConfig, path: Path) -> ToyModels:
     """Rebuild the networks from the config and load a ``save_models`` file (weights only)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
+    teacher = toy.make_teacher(cfg)
     models = ToyModels(
-        teacher=toy.make_teacher(cfg),
+        teacher=teacher,
         cd=toy.make_consistency_net(cfg.cd.parametrization, cfg.cd.net, cfg),
         ct=toy.make_consistency_net(cfg.ct.parametrization, cfg.ct.net, cfg),
+        ect=toy.tuned_student(teacher),
+        sct=toy.tuned_student(teacher, weight=True),
     )
-    for name in ("teacher", "cd", "ct"):
+    for name in NAMES:
         getattr(models, name).load_state_dict(state[name])
         getattr(models, name).eval().requires_grad_(False)
     return models

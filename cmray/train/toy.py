@@ -62,11 +62,20 @@ def fit(
         loss = loss_fn(step, x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        opt.param_groups[0]["lr"] = learning_rate(optim, step, steps)
         opt.step()
         if after_step is not None:
             after_step(step)
         if log is not None and ((step + 1) % every == 0 or step + 1 == steps):
             log(f"[{name}] step {step + 1:>6}/{steps}  loss {loss.item():.5f}")
+
+
+def learning_rate(optim: OptimConfig, step: int, steps: int) -> float:
+    """The step's rate: constant, or cosine-decayed to 0 (the noise floor of ECT's and sCT's
+    self-made targets otherwise keeps the one-step map moving)."""
+    if optim.schedule == "constant":
+        return optim.lr
+    return 0.5 * optim.lr * (1.0 + math.cos(math.pi * step / steps))
 
 
 def build_net(cfg: NetConfig, log_time: bool) -> ToyMLP:

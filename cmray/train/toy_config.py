@@ -37,6 +37,9 @@ class OptimConfig:
     epochs: int = param(300, help="passes over the training set", ge=1)
     batch_size: int = param(512, help="samples per step", ge=1)
     lr: float = param(1e-3, help="Adam learning rate", gt=0)
+    schedule: Literal["constant", "cosine"] = param(
+        "constant", help="learning rate: constant, or cosine decay to 0 over the run"
+    )
 
 
 @dataclass
@@ -94,7 +97,10 @@ class ToyECTConfig:
 
     loss: ECTConfig = param(default_factory=ECTConfig, help="the ECT settings")
     ema: float = param(
-        0.999, help="rate of the EMA copy that is sampled (0: the online net)", ge=0, lt=1
+        0.999,
+        help="rate of the EMA copy that is sampled (0: the online net)",
+        ge=0,
+        lt=1,
     )
     optim: OptimConfig = param(default_factory=OptimConfig, help="the optimiser")
 
@@ -106,7 +112,10 @@ class ToySCTConfig:
 
     loss: SCMConfig = param(default_factory=SCMConfig, help="the sCM settings")
     ema: float = param(
-        0.999, help="rate of the EMA copy that is sampled (0: the online net)", ge=0, lt=1
+        0.999,
+        help="rate of the EMA copy that is sampled (0: the online net)",
+        ge=0,
+        lt=1,
     )
     optim: OptimConfig = param(default_factory=OptimConfig, help="the optimiser")
 
