@@ -174,25 +174,29 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_toy_search_survives_a_driver_crash_and_finds_the_better_trial(tmp_path: Path) -> None:
-    """Kill the driver once the first trial has checkpoints; the same command resumes the
+def test_toy_search_survives_a_driver_crash_and_finds_the_better_trial(
+    ray_cluster: str, tmp_path: Path
+) -> None:
+    """Kill the driver of a search submitted to a running cluster (RAY_ADDRESS) once the first
+    trial has checkpoints: Ray ends the dead driver's trials, and the same command resumes the
     search (Tuner.restore) and finishes it; the best trial beats the worst."""
     config = tmp_path / "tune.yaml"
     # The learning rates alone: two trials are what the resume and the ranking need.
     cfg = toy_tune(num_samples=1, scheduler={"enabled": False}, space=TOY_SPACE[:1])
     config.write_text(yaml.safe_dump(cfg))
     search = tmp_path / "runs" / "tune" / "toy"
-    proc = _tune(config, tmp_path)
+    cluster = {"RAY_ADDRESS": ray_cluster}
+    proc = _tune(config, tmp_path, cluster)
     deadline = time.monotonic() + 300
     while not list(search.glob("train/trial_*/checkpoint_*")):
         assert proc.poll() is None, (tmp_path / "tune.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no trial checkpoint in 300 s"
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver; its trials die with its job
     proc.wait(60)
     assert not (search / "results.csv").exists()
 
-    proc = _tune(config, tmp_path)
+    proc = _tune(config, tmp_path, cluster)
     assert proc.wait(900) == 0, (tmp_path / "tune.log").read_text()[-3000:]
     log = (tmp_path / "tune.log").read_text()
     assert "resuming search" in log

@@ -120,9 +120,10 @@ def directional_derivative(
 ) -> torch.Tensor:
     """d/ds fn(x + s v_x, t + s v_t) at s = 0: forward-mode AD, or a central difference.
 
-    ``jvp`` is exact and costs about three forwards; SDPA's fused CPU and CUDA attention
-    kernels have no forward-mode derivative, so the math backend runs inside it. ``fd``
-    (step ``eps`` along the tangent) needs only forwards, for networks forward AD cannot run.
+    ``jvp`` is exact; every operation carries a tangent beside its value, and SDPA's fused CPU
+    and CUDA attention kernels have no forward-mode derivative, so the slower math backend
+    runs inside it (``benchmarks/objective_cost.py`` measures the step). ``fd`` (step ``eps``
+    along the tangent) needs two plain forwards, for networks forward AD cannot run.
     """
     if method == "jvp":
         with sdpa_kernel(SDPBackend.MATH):
