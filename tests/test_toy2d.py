@@ -63,9 +63,9 @@ def test_short_run_reaches_the_quality_bar(short_run):
 
 @pytest.mark.slow
 def test_ect_and_sct_tuned_from_the_teacher_beat_ct(short_run):
-    """Measured on this budget (energy distance): teacher 0.028, CT 0.218, ECT 0.089, sCT 0.084,
-    and the teacher's own one-step map D(T z, T), where both start, 1.73. The issue's target,
-    1.5x the teacher, is not reached (see benchmarks/RESULTS.md)."""
+    """Measured on this budget (energy distance): teacher 0.028, CT 0.218, ECT 0.022, sCT 0.084,
+    and the teacher's own one-step map D(T z, T), where both start, 1.73. ECT meets the issue's
+    target, 1.5x the teacher; sCT does not (3x; see benchmarks/RESULTS.md)."""
     cfg, out, by_name = short_run
     teacher, ct1 = by_name["teacher"], by_name["CT, 1 step"]
     models = toy2d.load_models(cfg, out / "models.pt")
@@ -76,8 +76,9 @@ def test_ect_and_sct_tuned_from_the_teacher_beat_ct(short_run):
         student = by_name[name]
         assert student["nfe"] == 1 and student["modes_hit"] >= 7, student
         assert student["energy_distance"] < 0.5 * ct1["energy_distance"], (name, student)
-        assert student["energy_distance"] < 4 * teacher["energy_distance"], (name, student)
         assert student["energy_distance"] < 0.1 * start_distance, (name, start_distance)
+    assert by_name["ECT, 1 step"]["energy_distance"] < 1.5 * teacher["energy_distance"]
+    assert by_name["sCT, 1 step"]["energy_distance"] < 4 * teacher["energy_distance"]
 
 
 @pytest.mark.slow
