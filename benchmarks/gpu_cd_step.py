@@ -43,7 +43,7 @@ from common import device_name, start, sync
 
 from cmray.config import apply_overrides, from_dict, read_config_file, to_dict, with_values
 from cmray.nets.unet import UNET_PRESETS
-from cmray.train.config import TrainConfig
+from cmray.train.config import ObjectiveConfig, TrainConfig
 from cmray.train.loop import Trainer, build_trainer, save_model_file
 from cmray.train.step import train_step
 from cmray.weights import KNOWN_WEIGHTS
@@ -59,8 +59,6 @@ ASSUMED_FORWARD_TFLOP = 2.24  # flop_counter's count of the 526M-parameter net, 
 ASSUMED_FORWARDS = {"cd": 6, "ct": 4, "edm": 3}
 ASSUMED_MFU = 0.40
 
-
-SOURCE_KEYS = {"cd": ("cd.teacher",), "ect": ("ect.init",), "scm": ("scm.init", "scm.teacher")}
 
 SETTINGS = {
     "shipped": "the config as shipped (its batch, microbatches and checkpointing)",
@@ -124,7 +122,7 @@ def make_config(args: argparse.Namespace, work: Path, setting: str) -> TrainConf
         values["objective.lpips_weights"] = str(work / VGG16_FILE)
     # Every model source the objective reads (CD's teacher, ECT's and sCM's start, sCD's
     # teacher) is the one random EDM file.
-    for key in SOURCE_KEYS.get(objective.get("kind"), ()):
+    for key in ObjectiveConfig.SOURCE_FIELDS:
         values[f"objective.{key}"] = str(work / TEACHER_FILE)
     return from_dict(TrainConfig, with_values(data, values))
 

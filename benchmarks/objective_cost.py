@@ -35,7 +35,7 @@ from gpu_cd_step import parse_args as step_args
 
 from cmray.config import from_dict, to_dict
 from cmray.nets.unet import unet_config
-from cmray.train.config import TrainConfig
+from cmray.train.config import ObjectiveConfig, TrainConfig
 from cmray.train.loop import build_trainer
 from cmray.train.step import train_step
 
@@ -48,7 +48,7 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "scd": {"objective.kind": "scm", "objective.scm.mode": "cd"},
 }
 MIB = 2**20
-SOURCES = ("cd.teacher", "ect.init", "scm.init", "scm.teacher")
+SOURCES = ObjectiveConfig.SOURCE_FIELDS
 
 
 def small_config(args: argparse.Namespace, name: str, teacher: Path) -> TrainConfig:

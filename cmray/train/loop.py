@@ -107,12 +107,16 @@ def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Mod
     return load_edm(obj.scm.teacher if obj.kind == "scm" else obj.cd.teacher, cfg, device)
 
 
-def initialise_from(online: ConsistencyFunction, cfg: TrainConfig) -> None:
+Loaded = tuple[nn.Module, ModelConfig]
+
+
+def initialise_from(online: ConsistencyFunction, cfg: TrainConfig) -> Loaded | None:
     """ECT and sCM students start from a diffusion model's network (f(x, 0) = x either way):
-    its U-Net weights, which must have the student's shape; sCM's w_phi starts fresh."""
+    its U-Net weights, which must have the student's shape; sCM's w_phi starts fresh. Returns
+    the model read (on the CPU), which an sCD run started from its teacher uses as the teacher."""
     source = cfg.objective.init
     if not source:
-        return
+        return None
     model, model_cfg = load_edm(source, cfg, torch.device("cpu"))
     theirs, ours = _shape(model_cfg.net), _shape(cfg.net)
     if theirs != ours:
@@ -122,6 +126,7 @@ def initialise_from(online: ConsistencyFunction, cfg: TrainConfig) -> None:
             "(set net: to that model's network)"
         )
     online.net.load_state_dict(model.net.state_dict())
+    return model, model_cfg
 
 
 def _shape(net: Any) -> dict[str, Any]:
@@ -129,7 +134,11 @@ def _shape(net: Any) -> dict[str, Any]:
     return {k: v for k, v in to_dict(net).items() if k not in ("dropout", "use_checkpoint")}
 
 
-def make_objective(cfg: TrainConfig, device: torch.device) -> Objective:
+def make_objective(
+    cfg: TrainConfig, device: torch.device, start: Loaded | None = None
+) -> Objective:
+    """The run's loss; ``start`` is the model the student was initialised from, reused as the
+    sCD teacher when it is the same source (read once, not twice, at LSUN size 2 GB a rank)."""
     obj = cfg.objective
     if obj.kind == "edm":
         return EDMObjective(obj.edm, obj.sigma_data)
@@ -138,7 +147,8 @@ def make_objective(cfg: TrainConfig, device: torch.device) -> Objective:
     if obj.kind == "scm":
         if obj.scm.mode == "ct":
             return SCMObjective(obj.scm, obj.sigma_data)
-        teacher, model = load_teacher(cfg, device)
+        same = start is not None and obj.init == obj.scm.teacher
+        teacher, model = (start[0].to(device), start[1]) if same else load_teacher(cfg, device)
         return SCMObjective(obj.scm, obj.sigma_data, teacher, model.net.num_classes)
     lpips = None
     if obj.metric == "lpips":
@@ -164,7 +174,7 @@ def build_trainer(
     """Fresh state; every rank builds the same initial weights from ``loop.seed``."""
     torch.manual_seed(cfg.loop.seed)
     online = build_net(cfg)
-    initialise_from(online, cfg)
+    start = initialise_from(online, cfg)
     # Channels-last like the batches: gradients then match DDP's bucket layout (no per-step
     # copy or stride warning), and cuDNN runs its NHWC kernels.
     online = online.to(device, memory_format=torch.channels_last)
@@ -185,7 +195,7 @@ def build_trainer(
     )
     # The step's global RNG draws (dropout) also differ per rank.
     torch.manual_seed(rank_seed(cfg.loop.seed, rank, "torch"))
-    objective = make_objective(cfg, device)
+    objective = make_objective(cfg, device, start)
     return Trainer(cfg, state, objective, Generators(**gens), device, rank, world_size)
 
 

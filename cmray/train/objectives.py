@@ -239,7 +239,14 @@ class SCMObjective:
         prior = 1.0 / sigma.to(device=x0.device, dtype=x0.dtype) if c.prior_weight else None
         return trigflow.scm_loss(F, F.detach(), g, logvar, prior)
 
-    def _velocity(self, x0, z, x_t, t, labels) -> torch.Tensor:
+    def _velocity(
+        self,
+        x0: torch.Tensor,
+        z: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        labels: torch.Tensor | None,
+    ) -> torch.Tensor:
         """dx_t/dt: from the data and noise (sCT), or the teacher's sigma_d F (sCD)."""
         if self.cfg.mode == "ct":
             return trigflow.velocity(x0, z, t)
@@ -247,7 +254,14 @@ class SCMObjective:
         with torch.no_grad():
             return self.sigma_data * teacher(x_t, t, trigflow=True)[0]
 
-    def _jvp(self, net: Net, x_t, t, dxdt, rng: losses.RNGState) -> torch.Tensor:
+    def _jvp(
+        self,
+        net: Net,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        dxdt: torch.Tensor,
+        rng: losses.RNGState,
+    ) -> torch.Tensor:
         """cos t sin t dF-/dt along the trajectory, with the online call's dropout masks."""
 
         def F_minus(x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from cmray.nets.toy_mlp import ToyMLP
 from cmray.nets.weighting import AdaptiveWeight
 from cmray.train.curriculum import ct_curriculum, ct_indices
 from cmray.train.objectives import ECTObjective, Generators, SCMObjective
-from cmray.train.toy_config import CDConfig, NetConfig, OptimConfig, Toy2DConfig
+from cmray.train.toy_config import CDConfig, NetConfig, OptimConfig, Toy2DConfig, TunedConfig
 
 Log = Callable[[str], None]
 LossFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -251,16 +251,10 @@ def train_ect(
     log: Log | None = None,
 ) -> ConsistencyFunction:
     """Easy Consistency Tuning from the teacher: stop-gradient of the online net as target."""
-    ec = cfg.ect
     student = tuned_student(teacher)
-    sigma_data = student.parametrization.sigma_data
-    objective = ECTObjective(ec.loss, sigma_data, total_steps(data.shape[0], ec.optim))
-    gens = Generators(generator, generator)
-
-    def loss_fn(step: int, x0: torch.Tensor) -> torch.Tensor:
-        return objective.loss(student, student, x0, step, gens).mean()
-
-    return _fit_with_ema(student, loss_fn, data, ec.optim, ec.ema, generator, log, "ect")
+    steps = total_steps(data.shape[0], cfg.ect.optim)
+    objective = ECTObjective(cfg.ect.loss, student.parametrization.sigma_data, steps)
+    return _train_tuned(student, objective, cfg.ect, data, generator, log, "ect")
 
 
 def train_sct(
@@ -271,40 +265,35 @@ def train_sct(
     log: Log | None = None,
 ) -> ConsistencyFunction:
     """sCT in TrigFlow from the teacher's weights: dx/dt from data and noise, JVP tangent."""
-    sc = cfg.sct
     student = tuned_student(teacher, weight=True)
-    objective = SCMObjective(sc.loss, student.parametrization.sigma_data)
+    objective = SCMObjective(cfg.sct.loss, student.parametrization.sigma_data)
+    return _train_tuned(student, objective, cfg.sct, data, generator, log, "sct")
+
+
+def _train_tuned(
+    student: ConsistencyFunction,
+    objective: ECTObjective | SCMObjective,
+    settings: TunedConfig,
+    data: torch.Tensor,
+    generator: torch.Generator,
+    log: Log | None,
+    name: str,
+) -> ConsistencyFunction:
+    """Train ``student`` on ``objective`` (its own stop-gradient copy is the target); return
+    it, or its EMA copy at ``settings.ema`` when that is above 0."""
     gens = Generators(generator, generator)
 
     def loss_fn(step: int, x0: torch.Tensor) -> torch.Tensor:
         return objective.loss(student, student, x0, step, gens).mean()
 
-    return _fit_with_ema(student, loss_fn, data, sc.optim, sc.ema, generator, log, "sct")
+    average = ema.frozen_copy(student) if settings.ema else None
 
+    def after_step(step: int) -> None:
+        if average is not None:
+            ema.ema_update_(average, student, settings.ema)
 
-def _fit_with_ema(
-    student: ConsistencyFunction,
-    loss_fn: LossFn,
-    data: torch.Tensor,
-    optim: OptimConfig,
-    rate: float,
-    generator: torch.Generator,
-    log: Log | None,
-    name: str,
-) -> ConsistencyFunction:
-    """Train ``student``; return its EMA copy at ``rate`` (the online net itself at 0)."""
-    average = ema.frozen_copy(student)
-    fit(
-        student,
-        loss_fn,
-        data,
-        optim,
-        generator,
-        lambda _: ema.ema_update_(average, student, rate),
-        log,
-        name,
-    )
-    return average.eval()
+    fit(student, loss_fn, data, settings.optim, generator, after_step, log, name)
+    return (student if average is None else average).eval().requires_grad_(False)
 
 
 class Student:

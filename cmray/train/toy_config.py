@@ -92,32 +92,28 @@ class CTConfig(CurriculumConfig):
 
 
 @dataclass
-class ToyECTConfig:
-    """ECT tuned from the ring's EDM teacher (its ``init`` is ignored: the teacher is it)."""
+class TunedConfig:
+    """What ECT and sCT on the ring share: the sampled copy and the optimiser."""
 
-    loss: ECTConfig = param(default_factory=ECTConfig, help="the ECT settings")
     ema: float = param(
-        0.999,
-        help="rate of the EMA copy that is sampled (0: the online net)",
-        ge=0,
-        lt=1,
+        0.999, help="rate of the EMA copy that is sampled (0: the online net)", ge=0, lt=1
     )
     optim: OptimConfig = param(default_factory=OptimConfig, help="the optimiser")
 
 
 @dataclass
-class ToySCTConfig:
+class ToyECTConfig(TunedConfig):
+    """ECT tuned from the ring's EDM teacher (its ``init`` is ignored: the teacher is it)."""
+
+    loss: ECTConfig = param(default_factory=ECTConfig, help="the ECT settings")
+
+
+@dataclass
+class ToySCTConfig(TunedConfig):
     """sCT (TrigFlow) from the ring's EDM teacher's weights (``mode``, ``init``, ``teacher``
     are ignored: sCT, from the teacher)."""
 
     loss: SCMConfig = param(default_factory=SCMConfig, help="the sCM settings")
-    ema: float = param(
-        0.999,
-        help="rate of the EMA copy that is sampled (0: the online net)",
-        ge=0,
-        lt=1,
-    )
-    optim: OptimConfig = param(default_factory=OptimConfig, help="the optimiser")
 
 
 @dataclass
