@@ -190,7 +190,8 @@ def test_evaluate_writes_one_and_two_step_figures_and_a_grid(
         assert r["samples"] == 120
     assert saved["features"]["frechet"] == "fd_digits"  # never reported as "fid"
     grid = Image.open(tmp_path / "out" / "samples.png")
-    assert grid.size == (8 * 16 + 9 * 2, 8 * 16 + 9 * 2)  # 32 one-step + 32 two-step
+    # 32 one-step + 32 two-step, each 16x16 sample drawn 4x (64 px) so a person can judge it
+    assert grid.size == (8 * 64 + 9 * 2, 8 * 64 + 9 * 2)
 
 
 def test_given_indices_skip_the_search(digits16: str, digits_model: str, tmp_path: Path) -> None:

@@ -67,7 +67,7 @@ def test_model_is_registered_and_fetched_by_alias(
         out = tmp_path / f"grid{steps}.png"
         args = ["sample", "--model", "models:/digits-cm@champion", "--steps", steps]
         assert main([*args, "--num", "16", "--out", str(out)]) == 0
-        assert Image.open(out).size == (4 * 16 + 5 * 2, 4 * 16 + 5 * 2)
+        assert Image.open(out).size == (4 * 64 + 5 * 2, 4 * 64 + 5 * 2)  # 16 px drawn 4x
 
     img = tmp_path / "in.png"
     Image.new("RGB", (16, 16), (200, 10, 10)).save(img)

@@ -53,6 +53,7 @@ def test_lsun_configs_carry_the_reference_settings() -> None:
         0.95,
         5e-5,
     )
+    assert cd.objective.init == cd.objective.cd.teacher  # as the paper's code starts CD
     for cfg in (cd, ct):
         assert cfg.data.batch_size * cfg.run.num_workers == 256  # the reference global batch
         assert cfg.net.channel_mult == [1, 1, 2, 2, 4, 4] and cfg.objective.metric == "lpips"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -125,32 +126,45 @@ def test_concurrency_follows_the_cluster() -> None:
 # --------------------------------------------------------------------------- toy students
 
 
-@pytest.mark.parametrize("method", ["ct", "cd"])
+@pytest.mark.parametrize("method", ["ct", "cd", "ect", "sct", "scd"])
 def test_a_student_resumed_from_its_state_continues_exactly(method: str) -> None:
     from cmray.train.toy import Student, make_teacher, ring_of
     from cmray.train.toy_config import Toy2DConfig
 
     torch.set_num_threads(1)
+    epochs = [f"{k}.optim.epochs=3" for k in ("ct", "cd", "ect", "sct")]
     cfg = load_config(
         Toy2DConfig,
         ROOT / "configs" / "toy2d.yaml",
-        ["ring.train_points=1024", "ct.optim.epochs=3", "cd.optim.epochs=3"],
+        ["ring.train_points=1024", "ect.ema=0.9", *epochs],
     )
     data = ring_of(cfg).sample(1024, torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
     teacher = make_teacher(cfg).eval().requires_grad_(False)
 
     def student() -> Student:
-        return Student(cfg, method, data, teacher if method == "cd" else None)
+        return Student(cfg, method, data, teacher if method != "ct" else None)
 
     whole = student()
     losses = [whole.train_step() for _ in range(6)]
+    assert all(math.isfinite(v) for v in losses) and len(set(losses)) == 6
     first = student()
     [first.train_step() for _ in range(3)]
     resumed = student()
     resumed.load_state_dict(first.state_dict())
     assert [resumed.train_step() for _ in range(3)] == losses[3:]
-    for a, b in zip(whole.target.parameters(), resumed.target.parameters(), strict=True):
+    for a, b in zip(whole.sampler.parameters(), resumed.sampler.parameters(), strict=True):
         assert torch.equal(a, b)
+    # ECT keeps an EMA copy here (ect.ema = 0.9); sCT/sCD sample their online net (ema 0)
+    assert (whole.target is None) == (method in ("sct", "scd"))
+    if method != "ct":  # CD, ECT and sCM differ from the teacher only by their training
+        tuned = method != "cd"
+        fresh = student()
+        same = all(
+            torch.equal(a, b)
+            for a, b in zip(fresh.online.net.parameters(), teacher.net.parameters(), strict=True)
+        )
+        assert same == tuned  # ECT and sCM start from the teacher's weights, CD does not
 
 
 # --------------------------------------------------------------------------- real searches

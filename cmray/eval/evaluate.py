@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from cmray.config import from_dict
-from cmray.core.sampling import taus_from_indices
+from cmray.core.sampling import edm_sampler_nfe, taus_from_indices
 from cmray.data.manifest import Manifest, read_manifest
 from cmray.eval.config import EvalConfig
 from cmray.eval.featurizer import SampleTask
@@ -90,10 +90,16 @@ class Samples:
 
 
 def sample_features(
-    runner: Runner, cfg: EvalConfig, taus: tuple[float, ...], count: int, desc: str
+    runner: Runner,
+    cfg: EvalConfig,
+    taus: tuple[float, ...],
+    count: int,
+    desc: str,
+    points: int = 0,
 ) -> Samples:
+    """Samples of Algorithm 1 with ``taus``, or of an EDM teacher's sampler on ``points``."""
     tasks = [
-        SampleTask(c, n, taus, keep_images=GRID_IMAGES if c == 0 else 0)
+        SampleTask(c, n, taus, keep_images=GRID_IMAGES if c == 0 else 0, points=points)
         for c, n in chunks(count, cfg.batch_size)
     ]
     gaussian, kept, logits, images = RunningGaussian(), [], [], None
@@ -177,10 +183,18 @@ class Evaluation:
         return found.indices, report
 
 
-def evaluate(cfg: EvalConfig, log: Log = print) -> dict[str, Any]:
-    """Score one-step and ``sampling.steps``-step samples; write eval.json and samples.png."""
-    if not cfg.model or not cfg.out:
-        raise ValueError("evaluation needs model (a checkpoint or run) and out (a directory)")
+@dataclass
+class Scored:
+    """An evaluation's report and each sampler's first images (uint8), in the report's order."""
+
+    report: dict[str, Any]
+    images: list[torch.Tensor]
+
+
+def score_model(cfg: EvalConfig, log: Log = print) -> Scored:
+    """Score a consistency model's one-step and ``sampling.steps``-step samples."""
+    if not cfg.model:
+        raise ValueError("evaluation needs model (a checkpoint or run)")
     manifest = read_manifest(cfg.manifest)
     with Runner(cfg, with_model=True) as runner:
         ref = reference_stats(runner, cfg, manifest, log)
@@ -197,8 +211,43 @@ def evaluate(cfg: EvalConfig, log: Log = print) -> dict[str, Any]:
             results.append(result)
             grids.append(samples.images)
         report = _report(cfg, ref, runner.identity(), results, search)
-    _write(cfg.out, report, torch.cat(grids))
-    return report
+    return Scored(report, grids)
+
+
+def score_teacher(cfg: EvalConfig, points: Sequence[int], log: Log = print) -> Scored:
+    """Score an EDM teacher with its Heun sampler (EDM Algorithm 2) on each count of ``points``
+    Karras sigmas: 18 points are the paper's 35 NFE, 1 point the one-step student's cost."""
+    manifest = read_manifest(cfg.manifest)
+    with Runner(cfg, with_model=True) as runner:
+        ref = reference_stats(runner, cfg, manifest, log)
+        identity = runner.identity()
+        if from_dict(ModelConfig, runner.model_config()).is_consistency:
+            raise ValueError(f"{cfg.model} is a consistency model; score_teacher wants EDM")
+        names = {"frechet": identity["frechet"], "score": identity["score"]}
+        results, grids = [], []
+        for p in points:
+            samples = sample_features(runner, cfg, (), cfg.num_samples, f"Heun {p} pts", p)
+            result = {
+                "sampler": f"Heun, {p} point{'s' if p > 1 else ''}",
+                "nfe": edm_sampler_nfe(p),
+                "points": p,
+                **figures(samples, ref, names, cfg.pr_k),
+                "samples": cfg.num_samples,
+                "samples_per_s": cfg.num_samples / samples.seconds,
+            }
+            results.append(result)
+            grids.append(samples.images)
+        report = _report(cfg, ref, identity, results, None)
+    return Scored(report, grids)
+
+
+def evaluate(cfg: EvalConfig, log: Log = print) -> dict[str, Any]:
+    """Score one-step and ``sampling.steps``-step samples; write eval.json and samples.png."""
+    if not cfg.model or not cfg.out:
+        raise ValueError("evaluation needs model (a checkpoint or run) and out (a directory)")
+    scored = score_model(cfg, log)
+    write_report(cfg.out, scored)
+    return scored.report
 
 
 def _report(
@@ -219,9 +268,12 @@ def _report(
     }
 
 
-def _write(out: str, report: dict[str, Any], grid: torch.Tensor) -> None:
-    write_bytes_atomic(join_url(out, "eval.json"), (json.dumps(report, indent=2) + "\n").encode())
-    write_bytes_atomic(join_url(out, "samples.png"), grid_png(grid.float().div(127.5).sub(1)))
+def write_report(out: str, scored: Scored) -> None:
+    """eval.json, and samples.png: each sampler's images in rows, in the report's order."""
+    report = (json.dumps(scored.report, indent=2) + "\n").encode()
+    write_bytes_atomic(join_url(out, "eval.json"), report)
+    grid = torch.cat(scored.images).float().div(127.5).sub(1)
+    write_bytes_atomic(join_url(out, "samples.png"), grid_png(grid))
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cmray.config import to_dict
-from cmray.core.sampling import class_labels, in_batches, sample_multistep
+from cmray.core.sampling import class_labels, in_batches, sample_edm_heun, sample_multistep
 from cmray.core.seeds import rank_seed
 from cmray.data.manifest import read_manifest
 from cmray.data.stream import shard_batches
@@ -28,12 +28,14 @@ from cmray.models import ModelConfig, load_model
 
 @dataclass(frozen=True)
 class SampleTask:
-    """Generate ``count`` samples of chunk ``chunk`` with taus (empty: one step)."""
+    """Generate ``count`` samples of chunk ``chunk``: a consistency model's with taus (empty:
+    one step), or an EDM teacher's with its Heun sampler on ``points`` sigmas (``points`` > 0)."""
 
     chunk: int
     count: int
     taus: tuple[float, ...] = ()
     keep_images: int = 0  # how many uint8 samples to send back (for the grid)
+    points: int = 0
 
 
 @dataclass(frozen=True)
@@ -146,15 +148,15 @@ class Featurizer:
         # Classes drawn uniformly, as the reference's sampler does, from a generator of their own.
         draw = torch.Generator().manual_seed(rank_seed(self.cfg.seed, task.chunk, "classes"))
         labels = class_labels(net.num_classes, task.count, None, draw)
-        x = sample_multistep(
-            in_batches(self.model, self.cfg.model_batch, _on(labels, self.device)),
-            z.to(self.device),
-            task.taus,
-            steps,
-            self.model_cfg.boundary,
-            noise.sigma_max,
-            clip=(-1.0, 1.0),
-        ).x
+        model = in_batches(self.model, self.cfg.model_batch, _on(labels, self.device))
+        if task.points:
+            if self.model_cfg.is_consistency:
+                raise ValueError(f"{self.cfg.model} is a consistency model, not an EDM teacher")
+            args = (task.points, noise.sigma_min, noise.sigma_max, noise.rho)
+            x = sample_edm_heun(model, z.to(self.device), *args, clip=(-1.0, 1.0)).x
+        else:
+            args = (task.taus, steps, self.model_cfg.boundary, noise.sigma_max)
+            x = sample_multistep(model, z.to(self.device), *args, clip=(-1.0, 1.0)).x
         images = to_uint8(x)
         features = self.featurize(images.split(self.cfg.batch_size))
         return {**features, "images": images[: task.keep_images].cpu()}

@@ -76,6 +76,19 @@ def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
     return None if best is None else best[1]
 
 
+def checkpoint_at(root: str | os.PathLike[str], step: int) -> Path | None:
+    """The complete checkpoint of ``step`` under ``root`` (a local run directory), if kept."""
+    root = Path(root)
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if path.is_dir() and CHECKPOINT_DIR.match(path.name):
+            try:
+                if verify_checkpoint(path) == step:
+                    return path
+            except IncompleteCheckpointError:
+                continue
+    return None
+
+
 def checkpoint_state(source: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Where the state file of ``source`` is: a checkpoint (path or URL) or a local run
     directory's newest complete checkpoint. FileNotFoundError names what was looked for."""

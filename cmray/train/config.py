@@ -30,6 +30,11 @@ class CDConfig:
     N: int = param(40, help="points on the Karras grid (LSUN: 40)", ge=2)
     mu: float = param(0.95, help="target EMA rate (LSUN: 0.95)", ge=0, lt=1)
     solver: Literal["euler", "heun"] = param("heun", help="teacher ODE step")
+    init: str = param(
+        "",
+        help="model the student starts from ('': fresh weights); the paper's code starts "
+        "CD students from the teacher's weights",
+    )
 
 
 @dataclass
@@ -38,6 +43,11 @@ class CTConfig(CurriculumConfig):
 
     s0: int = param(2, help="initial discretisation (LSUN: 2)", ge=1)
     K: int = param(0, help="curriculum length in steps (0: loop.steps)", ge=0)
+    init: str = param(
+        "",
+        help="model the student starts from ('': fresh weights, training from data alone; "
+        "the released LSUN CT commands start from the EDM teacher)",
+    )
 
 
 @dataclass
@@ -120,12 +130,20 @@ class ObjectiveConfig:
             )
 
     # Fields that name a model source; ``sources()`` says which this kind reads.
-    SOURCE_FIELDS: ClassVar[tuple[str, ...]] = ("cd.teacher", "ect.init", "scm.init", "scm.teacher")
+    SOURCE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "cd.teacher",
+        "cd.init",
+        "ct.init",
+        "ect.init",
+        "scm.init",
+        "scm.teacher",
+    )
 
     def sources(self) -> dict[str, str]:
         """The model sources this objective reads, by their key under ``objective``."""
         used = {
-            "cd": {"cd.teacher": self.cd.teacher},
+            "cd": {"cd.teacher": self.cd.teacher, "cd.init": self.cd.init},
+            "ct": {"ct.init": self.ct.init},
             "ect": {"ect.init": self.ect.init},
             "scm": {"scm.init": self.scm.init, "scm.teacher": self.scm.teacher},
         }.get(self.kind, {})
@@ -134,8 +152,8 @@ class ObjectiveConfig:
     @property
     def init(self) -> str:
         """The model source whose weights the student starts from ('' for fresh weights)."""
-        if self.kind == "ect":
-            return self.ect.init
+        if self.kind in ("cd", "ct", "ect"):
+            return getattr(self, self.kind).init
         if self.kind == "scm":
             return self.scm.init or (self.scm.teacher if self.scm.mode == "cd" else "")
         return ""

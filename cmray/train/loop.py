@@ -111,9 +111,11 @@ Loaded = tuple[nn.Module, ModelConfig]
 
 
 def initialise_from(online: ConsistencyFunction, cfg: TrainConfig) -> Loaded | None:
-    """ECT and sCM students start from a diffusion model's network (f(x, 0) = x either way):
-    its U-Net weights, which must have the student's shape; sCM's w_phi starts fresh. Returns
-    the model read (on the CPU), which an sCD run started from its teacher uses as the teacher."""
+    """A student starts from a diffusion model's network when ``objective.init`` names one (ECT
+    and sCM always; CD as the paper's code does, from its teacher; CT optionally): its U-Net
+    weights, which must have the student's shape; sCM's w_phi starts fresh. CD/CT's target and
+    EMA copies are made from the loaded weights. Returns the model read (on the CPU), which a
+    CD or sCD run started from its teacher uses as the teacher."""
     source = cfg.objective.init
     if not source:
         return None
@@ -157,7 +159,8 @@ def make_objective(
         lpips = load_lpips("vgg", obj.lpips_weights or None).to(device)
     metric, weighting = get_metric(obj.metric, lpips), losses.LAMBDAS[obj.weighting]
     if obj.kind == "cd":
-        teacher, model = load_teacher(cfg, device)
+        same = start is not None and obj.init == obj.cd.teacher
+        teacher, model = (start[0].to(device), start[1]) if same else load_teacher(cfg, device)
         classes = model.net.num_classes
         return CDObjective(obj.cd, obj.noise, teacher, metric, weighting, teacher_classes=classes)
     K = obj.ct.K or cfg.loop.steps

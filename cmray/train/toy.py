@@ -7,6 +7,7 @@ draw comes from the generator passed in, so a run is a function of its seed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 
@@ -21,7 +22,14 @@ from cmray.nets.toy_mlp import ToyMLP
 from cmray.nets.weighting import AdaptiveWeight
 from cmray.train.curriculum import ct_curriculum, ct_indices
 from cmray.train.objectives import ECTObjective, Generators, SCMObjective
-from cmray.train.toy_config import CDConfig, NetConfig, OptimConfig, Toy2DConfig, TunedConfig
+from cmray.train.toy_config import (
+    CDConfig,
+    CTConfig,
+    NetConfig,
+    OptimConfig,
+    Toy2DConfig,
+    TunedConfig,
+)
 
 Log = Callable[[str], None]
 LossFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -107,9 +115,14 @@ def make_teacher(cfg: Toy2DConfig) -> nn.Module:
 
 
 def train_teacher(
-    cfg: Toy2DConfig, data: torch.Tensor, generator: torch.Generator, log: Log | None = None
+    cfg: Toy2DConfig,
+    data: torch.Tensor,
+    generator: torch.Generator,
+    log: Log | None = None,
+    after_step: Callable[[int, nn.Module], None] | None = None,
 ) -> nn.Module:
-    """The diffusion teacher D_phi, by EDM's objective (EDM Eq. 2) or the tutorial's DSM."""
+    """The diffusion teacher D_phi, by EDM's objective (EDM Eq. 2) or the tutorial's DSM;
+    ``after_step(step, D)`` sees it after every step (e.g. to keep a snapshot)."""
     tc, noise = cfg.teacher, cfg.noise
     D = make_teacher(cfg)
 
@@ -124,7 +137,8 @@ def train_teacher(
         return losses.dsm_loss(D.score_net, x0, t, z, tc.dsm_weighting).mean()
 
     loss_fn = edm_fn if tc.objective == "edm" else dsm_fn
-    fit(D, loss_fn, data, tc.optim, generator, log=log, name="teacher")
+    watch = None if after_step is None else (lambda step: after_step(step, D))
+    fit(D, loss_fn, data, tc.optim, generator, watch, log=log, name="teacher")
     return D.eval().requires_grad_(False)
 
 
@@ -296,12 +310,37 @@ def _train_tuned(
     return (student if average is None else average).eval().requires_grad_(False)
 
 
+TOY_METHODS = ("cd", "ct", "ect", "sct", "scd")
+
+
+def student_settings(cfg: Toy2DConfig, method: str) -> CDConfig | CTConfig | TunedConfig:
+    """The config section a method trains by (sCD shares sCT's, with the teacher's velocity)."""
+    if method not in TOY_METHODS:
+        raise ValueError(f"method {method!r}: accepted {', '.join(TOY_METHODS)}")
+    return {"cd": cfg.cd, "ct": cfg.ct, "ect": cfg.ect, "sct": cfg.sct, "scd": cfg.sct}[method]
+
+
+def tuned_objective(
+    cfg: Toy2DConfig, method: str, teacher: nn.Module, steps: int
+) -> ECTObjective | SCMObjective:
+    """ECT's, sCT's or sCD's loss for a student tuned from ``teacher``."""
+    sigma_data = ring_of(cfg).sigma_data()
+    if method == "ect":
+        return ECTObjective(cfg.ect.loss, sigma_data, steps)
+    if method == "sct":
+        return SCMObjective(dataclasses.replace(cfg.sct.loss, mode="ct"), sigma_data)
+    return SCMObjective(dataclasses.replace(cfg.sct.loss, mode="cd"), sigma_data, teacher, 0)
+
+
 class Student:
-    """A CD or CT student trained step by step, with state that a checkpoint can hold.
+    """A student of any method trained step by step, with state that a checkpoint can hold
+    (a search's 2D trial).
 
     Unlike :func:`train_cd` / :func:`train_ct` (shuffled epochs, one generator for the whole
     run), each step draws its batch and noise from a generator seeded by (seed, step), so a run
-    resumed from any saved step continues exactly as it would have gone on.
+    resumed from any saved step continues exactly as it would have gone on. CD and CT keep
+    their EMA target network; ECT, sCT and sCD start from the teacher's weights and keep an EMA
+    copy only when their ``ema`` is above 0.
     """
 
     def __init__(
@@ -311,51 +350,73 @@ class Student:
         data: torch.Tensor,
         teacher: Denoiser | None = None,
     ) -> None:
-        settings = cfg.cd if method == "cd" else cfg.ct
+        settings = student_settings(cfg, method)
+        if method != "ct" and teacher is None:
+            raise ValueError(f"a {method} student needs a teacher")
         self.cfg, self.method, self.data, self.step = cfg, method, data, 0
+        self.optim = settings.optim
         self.batch_size = settings.optim.batch_size
         self.K = total_steps(data.shape[0], settings.optim)
-        torch.manual_seed(cfg.seed)
-        self.online = make_consistency_net(settings.parametrization, settings.net, cfg)
-        self.target = ema.frozen_copy(self.online)
-        self.opt = torch.optim.Adam(self.online.parameters(), lr=settings.optim.lr)
         self.generator = torch.Generator()
-        if method == "cd":
-            if teacher is None:
-                raise ValueError("a CD student needs a teacher")
-            self.loss_fn = cd_loss_fn(cfg, self.online, self.target, teacher, self.generator)
+        torch.manual_seed(cfg.seed)
+        if method in ("cd", "ct"):
+            self.online = make_consistency_net(settings.parametrization, settings.net, cfg)
+            self.target: ConsistencyFunction | None = ema.frozen_copy(self.online)
+            if method == "cd":
+                args = (self.online, self.target, teacher, self.generator)
+                self.loss_fn = cd_loss_fn(cfg, *args)
+            else:
+                self.loss_fn = ct_loss_fn(cfg, self.online, self.target, self.K, self.generator)
         else:
-            self.loss_fn = ct_loss_fn(cfg, self.online, self.target, self.K, self.generator)
+            self.online = tuned_student(teacher, weight=method != "ect")
+            self.target = ema.frozen_copy(self.online) if settings.ema else None
+            objective = tuned_objective(cfg, method, teacher, self.K)
+            gens = Generators(self.generator, self.generator)
+
+            def tuned_loss(step: int, x0: torch.Tensor) -> torch.Tensor:
+                return objective.loss(self.online, self.online, x0, step, gens).mean()
+
+            self.loss_fn = tuned_loss
+        self.opt = torch.optim.Adam(self.online.parameters(), lr=settings.optim.lr)
+
+    @property
+    def sampler(self) -> ConsistencyFunction:
+        """The network samples come from: the EMA target or copy, else the online net."""
+        return self.online if self.target is None else self.target
 
     def schedule(self, step: int) -> tuple[int, float]:
-        """(N, mu) at this step: CD's fixed pair, or CT's curriculum N(k), mu(k)."""
+        """(N, mu) at this step: CD's fixed pair, CT's curriculum N(k), mu(k), or (0, the EMA
+        copy's rate) for the students tuned from the teacher (continuous time, no grid)."""
         if self.method == "cd":
             return self.cfg.cd.N, self.cfg.cd.mu
-        return ct_curriculum(self.cfg.ct, step, self.K)
+        if self.method == "ct":
+            return ct_curriculum(self.cfg.ct, step, self.K)
+        return 0, student_settings(self.cfg, self.method).ema
 
     def train_step(self) -> float:
-        """One optimiser step and target update; returns the loss."""
+        """One optimiser step and target (or EMA copy) update; returns the loss."""
         self.generator.manual_seed(self.cfg.seed * 1_000_003 + self.step)
         pick = torch.randint(0, self.data.shape[0], (self.batch_size,), generator=self.generator)
         loss = self.loss_fn(self.step, self.data[pick])
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.opt.param_groups[0]["lr"] = learning_rate(self.optim, self.step, self.K)
         self.opt.step()
-        ema.ema_update_(self.target, self.online, self.schedule(self.step)[1])
+        if self.target is not None:
+            ema.ema_update_(self.target, self.online, self.schedule(self.step)[1])
         self.step += 1
         return loss.item()
 
     def state_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "online": self.online.state_dict(),
-            "target": self.target.state_dict(),
-            "opt": self.opt.state_dict(),
-        }
+        state = {"step": self.step, "online": self.online.state_dict()}
+        if self.target is not None:
+            state["target"] = self.target.state_dict()
+        return state | {"opt": self.opt.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.online.load_state_dict(state["online"])
-        self.target.load_state_dict(state["target"])
+        if self.target is not None:
+            self.target.load_state_dict(state["target"])
         self.opt.load_state_dict(state["opt"])
         self.step = int(state["step"])
 

@@ -130,8 +130,10 @@ class EvalConfig:
 class ToyTrialConfig:
     """What a trial of the 2D experiment trains and how it is scored."""
 
-    method: Literal["ct", "cd"] = param(
-        "ct", help="ct: from data alone; cd: from a teacher trained once for the whole search"
+    method: Literal["ct", "cd", "ect", "sct", "scd"] = param(
+        "ct",
+        help="ct: from data alone; cd, ect, sct, scd: from a teacher trained once for the "
+        "whole search (ECT and sCM start from its weights)",
     )
     quality_every: int = param(200, help="score the student every K steps, and at the end", ge=1)
     quality_samples: int = param(2000, help="one-step samples per score", ge=10)

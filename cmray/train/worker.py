@@ -276,8 +276,9 @@ def _toy_teacher(toy: Any, path: str) -> torch.nn.Module:
 
 
 def toy_worker(config: dict[str, Any]) -> None:
-    """Ray Train's worker function for a search's 2D trial: a CD or CT student, scored by the
-    energy distance of its one-step samples to fresh draws from the true ring."""
+    """Ray Train's worker function for a search's 2D trial: a student of any method (CD, CT,
+    or ECT, sCT, sCD tuned from the teacher), scored by the energy distance of its one-step
+    samples to fresh draws from the true ring."""
     import ray.train
 
     from cmray.config import flatten
@@ -290,7 +291,7 @@ def toy_worker(config: dict[str, Any]) -> None:
     toy = from_dict(Toy2DConfig, config["toy"])
     trial = from_dict(ToyTrialConfig, config["trial"])
     data, _ = training_data(toy)
-    teacher = _toy_teacher(toy, config["teacher"]) if trial.method == "cd" else None
+    teacher = _toy_teacher(toy, config["teacher"]) if trial.method != "ct" else None
     student = Student(toy, trial.method, data, teacher)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -311,7 +312,7 @@ def toy_worker(config: dict[str, Any]) -> None:
             continue
         N, mu = student.schedule(student.step - 1)
         metrics = {"step": student.step, "loss": loss, "N": N, "mu": mu}
-        metrics[TOY_METRIC] = probe(student.target)
+        metrics[TOY_METRIC] = probe(student.sampler)
         if tracker is not None:
             tracker.log_metrics(metrics, student.step)
         with tempfile.TemporaryDirectory() as tmp:

@@ -12,11 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cmray.config import ConfigError, from_dict, load_config, param, to_dict, with_values
+from cmray.config import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    param,
+    to_dict,
+    with_values,
+)
 from cmray.eval.config import FRECHET_NAMES
 from cmray.eval.toy import TOY_METRIC
 from cmray.tracking.config import TrackingConfig
-from cmray.train.toy import total_steps
+from cmray.train.toy import student_settings, total_steps
 from cmray.train.toy_config import ToyTrialConfig
 
 
@@ -56,6 +64,27 @@ class SearchParam:
         return [self.low, self.high]
 
 
+VARIANT_KEY = "variant"
+TRIAL_PREFIX = "toy."  # a toy2d variant's settings of the search's trial section (its method)
+
+
+@dataclass
+class VariantConfig:
+    """A named bundle of settings: a search over ``variant`` compares whole methods (CD, CT,
+    ECT, ...), which differ in several keys at once."""
+
+    name: str = param("", help="the variant's name (a value of the space's variant entry)")
+    set: list[str] = param(
+        default_factory=list,
+        help="its KEY=VALUE settings of the base config (toy2d: toy.KEY sets the trial's, "
+        "e.g. toy.method=ect)",
+    )
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("variants: an entry has no name", key="variants")
+
+
 @dataclass
 class SchedulerConfig:
     """ASHA early stopping (Li et al. 2020) on the sample-quality figure."""
@@ -91,6 +120,10 @@ class TuneConfig:
         default_factory=list, help="KEY=VALUE settings applied to the base config first"
     )
     space: list[SearchParam] = param(default_factory=list, help="what varies, and how")
+    variants: list[VariantConfig] = param(
+        default_factory=list,
+        help=f"named bundles of settings; a space entry with key {VARIANT_KEY!r} picks by name",
+    )
     num_samples: int = param(4, help="trials drawn (each grid point is drawn this often)", ge=1)
     seed: int = param(0, help="seed of the search's draws")
     scheduler: SchedulerConfig = param(default_factory=SchedulerConfig, help="early stopping")
@@ -110,6 +143,47 @@ class TuneConfig:
         repeated = sorted({k for k in keys if keys.count(k) > 1})
         if repeated:
             raise ConfigError(f"space names {repeated} more than once", key="space")
+        self._check_variants()
+
+    def _check_variants(self) -> None:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"variants: names {names} repeat", key="variants")
+        for p in self.space:
+            if p.key != VARIANT_KEY:
+                continue
+            if p.kind not in ("grid", "choice"):
+                raise ConfigError(f"space {VARIANT_KEY}: use grid or choice", key=VARIANT_KEY)
+            unknown = [v for v in p.values if v not in names]
+            if unknown:
+                raise ConfigError(
+                    f"space {VARIANT_KEY} = {unknown[0]!r} is not a variant; accepted: "
+                    + ", ".join(names),
+                    key=VARIANT_KEY,
+                )
+
+    def _chosen(self, params: dict[str, Any]) -> list[str]:
+        if VARIANT_KEY not in params:
+            return []
+        return list(next(v for v in self.variants if v.name == params[VARIANT_KEY]).set)
+
+    def variant_settings(self, params: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+        """A trial's params split into its variant's KEY=VALUE settings of the base config and
+        the other keys."""
+        rest = {k: v for k, v in params.items() if k != VARIANT_KEY}
+        return [s for s in self._chosen(params) if not s.startswith(TRIAL_PREFIX)], rest
+
+    def trial_settings(self, params: dict[str, Any]) -> ToyTrialConfig:
+        """A toy2d trial's own settings: ``toy``, with its variant's ``toy.KEY`` settings."""
+        chosen = self._chosen(params)
+        own = [s.removeprefix(TRIAL_PREFIX) for s in chosen if s.startswith(TRIAL_PREFIX)]
+        return from_dict(ToyTrialConfig, apply_overrides(to_dict(self.toy), own))
+
+    def toy_methods(self) -> set[str]:
+        """Every method a toy2d search's trials can train."""
+        return {self.trial_settings({VARIANT_KEY: v.name}).method for v in self.variants} | {
+            self.toy.method
+        }
 
 
 @dataclass
@@ -145,8 +219,11 @@ class SearchPlan:
         return f"{self.trials_path}/{trial_name(trial_id)}"
 
     def trial_config(self, params: dict[str, Any]) -> Any:
-        """The full, validated config of a trial with these params."""
-        return from_dict(base_class(self.cfg.experiment), with_values(self.base, params))
+        """The full, validated config of a trial with these params (a variant's settings
+        first, then the other keys)."""
+        settings, rest = self.cfg.variant_settings(params)
+        data = with_values(apply_overrides(self.base, settings), rest)
+        return from_dict(base_class(self.cfg.experiment), data)
 
 
 def trial_name(trial_id: str) -> str:
@@ -169,8 +246,10 @@ def _check_space(cfg: TuneConfig, base: dict[str, Any]) -> None:
     cls = base_class(cfg.experiment)
     for entry in cfg.space:
         for value in entry.extremes():
+            settings, rest = cfg.variant_settings({entry.key: value})
             try:
-                from_dict(cls, with_values(base, {entry.key: value}))
+                from_dict(cls, with_values(apply_overrides(base, settings), rest))
+                cfg.trial_settings({entry.key: value})
             except ConfigError as exc:
                 reason = str(exc).removeprefix("config error: ")
                 message = f"space {entry.key} = {value!r}: {reason}"
@@ -185,8 +264,10 @@ def plan_search(cfg: TuneConfig) -> SearchPlan:
     base = to_dict(base_cfg)
     _check_space(cfg, base)
     if cfg.experiment == "toy2d":
-        optim = (base_cfg.cd if cfg.toy.method == "cd" else base_cfg.ct).optim
-        steps = total_steps(base_cfg.ring.train_points, optim)
+        steps = max(
+            total_steps(base_cfg.ring.train_points, student_settings(base_cfg, m).optim)
+            for m in cfg.toy_methods()
+        )
         return SearchPlan(cfg, base, TOY_METRIC, steps, cfg.toy.cpus, 0.0)
     if not base_cfg.quality.every:
         raise ConfigError(

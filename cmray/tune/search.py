@@ -153,7 +153,8 @@ def write_outcome(plan: SearchPlan, outcome: Outcome) -> str:
 
 
 def _toy_teacher(plan: SearchPlan, log: Log) -> None:
-    """A toy CD search's one teacher, trained here once (kept for a restored search)."""
+    """A toy search's one teacher (for CD, ECT, sCT, sCD trials), trained here once (kept for
+    a restored search)."""
     from cmray.experiments.toy2d import train_teacher
 
     path = plan.teacher_path
@@ -206,7 +207,7 @@ def run_search(plan: SearchPlan, log: Log = print) -> Outcome:
     resources = ray_init()
     plan = localize(plan)
     concurrency = max_concurrent(plan, resources)
-    if cfg.experiment == "toy2d" and cfg.toy.method == "cd":
+    if cfg.experiment == "toy2d" and cfg.toy_methods() != {"ct"}:
         _toy_teacher(plan, log)
     tracker = _parent(plan) if plan.cfg.tracking.enabled else None
     if tracker is not None:

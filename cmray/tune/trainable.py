@@ -43,7 +43,7 @@ def run_trial(config: dict[str, Any], plan: SearchPlan) -> None:
     if plan.cfg.experiment == "toy2d":
         job = {
             "toy": to_dict(plan.trial_config(params)),
-            "trial": to_dict(plan.cfg.toy),
+            "trial": to_dict(plan.cfg.trial_settings(params)),
             "tracking": to_dict(tracking),
             "name": name,
             "run_key": plan.trial_run_key(trial_id),

@@ -1,0 +1,344 @@
+"""The reproduction study: the paper's Table 2 in miniature, on real images, as one command.
+
+1. The data are prepared as shards (once).
+2. An EDM teacher trains under Ray Train in segments, its Heun sampler's figure (18 points,
+   35 NFE) measured after each, until the last quarter of its training improved that figure by
+   less than ``teacher.tolerance``: the student ratios are then not flattered by a weak teacher.
+3. The student rows (CD, CT, iCT, ECT, sCT, sCD, ...) are one Ray Tune grid search over named
+   variants of one base config: they run in parallel on any cluster, a restarted study resumes
+   the search, and each row is an MLflow child of the study's run.
+4. Every row is scored the same way (one step, two steps with the ternary search, fixed noise,
+   fixed sample count) and so is the teacher at 1, 2, 4 and 18 points; real against real is
+   the floor. A row whose training failed (e.g. diverged) is reported, not fatal.
+5. ``results.json``, ``table.md`` (method, NFE, figure, ratio to the teacher), ``samples.png``
+   (one grid per row, same noise) and ``nfe.png`` (figure against NFE) go into ``out``.
+
+Every phase keeps its result on disk and is skipped when found, so re-running the command after
+a crash continues where the study stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cmray.config import ConfigError, dump_yaml, load_config, to_dict
+from cmray.data.config import PrepareConfig
+from cmray.eval.config import FRECHET_NAMES, EvalConfig, SamplingConfig
+from cmray.experiments.reproduce_config import TEACHER_PLACEHOLDER, ReproduceConfig
+from cmray.experiments.reproduce_report import (
+    add_ratios,
+    image_figure,
+    image_panels,
+    load_images,
+)
+from cmray.experiments.study import (
+    converged,
+    error_line,
+    family_of,
+    in_order,
+    method_name,
+    read_json,
+    slug,
+    timer,
+    write_json,
+)
+from cmray.storage import absolute
+from cmray.train.config import TrainConfig
+from cmray.tune.config import (
+    VARIANT_KEY,
+    SchedulerConfig,
+    SearchParam,
+    SearchPlan,
+    SearchRunConfig,
+    TuneConfig,
+    VariantConfig,
+    plan_search,
+)
+
+Log = Callable[[str], None]
+TEACHER_RUN = "teacher"
+STUDENTS_RUN = "students"
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Study:
+    """A checked study: its config, absolute paths, and the students' search plan."""
+
+    cfg: ReproduceConfig
+    out: Path
+    teacher_cfg: TrainConfig
+    search: SearchPlan
+    metric: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def manifest(self) -> str:
+        return absolute(self.cfg.data.manifest)
+
+    @property
+    def teacher_source(self) -> str:
+        """The teacher's run directory: every model loader reads its newest checkpoint."""
+        return str(self.out / "train" / TEACHER_RUN)
+
+
+def _teacher_config(cfg: ReproduceConfig, out: Path) -> TrainConfig:
+    where = [f"run.name={TEACHER_RUN}", f"run.storage_path={out / 'train'}"]
+    data = [f"data.manifest={absolute(cfg.data.manifest)}/manifest.json"]
+    every = [f"loop.checkpoint_every={cfg.teacher.segment_steps}"]
+    settings = [*cfg.teacher.set, *data, *where, *every]
+    teacher = load_config(TrainConfig, cfg.teacher.config, settings)
+    if teacher.objective.kind != "edm":
+        raise ConfigError(
+            f"teacher.config {cfg.teacher.config!r} trains objective.kind = "
+            f"{teacher.objective.kind}; the teacher must be edm",
+            key="teacher.config",
+        )
+    tracking = replace(cfg.tracking, log_model=False, registry_name="")
+    return replace(teacher, tracking=tracking)
+
+
+def _rows(cfg: ReproduceConfig, teacher: str) -> list[VariantConfig]:
+    """The rows' settings with the teacher's run directory in place of ``{teacher}``."""
+    return [
+        VariantConfig(r.name, [s.replace(TEACHER_PLACEHOLDER, teacher) for s in r.set])
+        for r in cfg.students.rows
+    ]
+
+
+def _search_config(cfg: ReproduceConfig, out: Path, teacher: str) -> TuneConfig:
+    base = load_config(TrainConfig, cfg.students.config, cfg.students.set)
+    quality = [
+        f"quality.every={base.loop.steps}",  # once, at the end: the search's figure
+        f"quality.features={cfg.eval.features}",
+        f"quality.num_samples={cfg.eval.search_samples}",
+        f"data.manifest={absolute(cfg.data.manifest)}/manifest.json",
+    ]
+    rows = _rows(cfg, teacher)
+    return TuneConfig(
+        experiment="train",
+        base=cfg.students.config,
+        overrides=[*cfg.students.set, *quality],
+        space=[SearchParam(VARIANT_KEY, "grid", [r.name for r in rows])],
+        variants=rows,
+        num_samples=1,
+        seed=cfg.eval.seed,
+        scheduler=SchedulerConfig(enabled=False),
+        run=SearchRunConfig(
+            name=STUDENTS_RUN,
+            storage_path=str(out),
+            max_concurrent_trials=cfg.students.concurrent,
+            max_failures=cfg.students.max_failures,
+        ),
+        tracking=cfg.tracking,
+    )
+
+
+def plan_study(cfg: ReproduceConfig) -> Study:
+    """Check the teacher's config and every row's before anything starts."""
+    out = Path(absolute(cfg.out))
+    teacher_cfg = _teacher_config(cfg, out)
+    names = [r.name for r in cfg.students.rows]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"students.rows: names {names} repeat", key="students.rows")
+    search = plan_search(_search_config(cfg, out, str(out / "train" / TEACHER_RUN)))
+    return Study(cfg, out, teacher_cfg, search, FRECHET_NAMES[cfg.eval.features])
+
+
+# --------------------------------------------------------------------------- the phases
+
+
+def prepare_data(study: Study, log: Log) -> None:
+    from cmray.data.prepare import prepare
+
+    d = study.cfg.data
+    prepare(PrepareConfig(source=d.source, out=d.manifest, resolution=d.resolution), log)
+
+
+def eval_config(study: Study, model: str, out: Path) -> EvalConfig:
+    """The one way every row and the teacher are scored."""
+    e = study.cfg.eval
+    return EvalConfig(
+        model=model,
+        manifest=study.manifest,
+        features=e.features,
+        num_samples=e.num_samples,
+        ref_count=e.ref_count,
+        pr_count=e.pr_count,
+        batch_size=e.batch_size,
+        sampling=SamplingConfig(steps=2, search_samples=e.search_samples),
+        seed=e.seed,
+        workers=e.workers,
+        out=str(out),
+    )
+
+
+def _teacher_point(study: Study, step: int, log: Log) -> dict[str, float]:
+    """The teacher's figure at ``step`` (its kept checkpoint), on the rows' noise."""
+    from cmray.eval.evaluate import score_teacher
+    from cmray.models.checkpoints import checkpoint_at
+
+    found = checkpoint_at(study.teacher_source, step)
+    if found is None:
+        raise FileNotFoundError(f"the teacher's checkpoint of step {step} was not kept")
+    cfg = eval_config(study, str(found), study.out / "teacher")
+    scored = score_teacher(cfg, [study.cfg.teacher.points], log)
+    return {"step": step, study.metric: scored.report["results"][0][study.metric]}
+
+
+def _train_teacher_to(study: Study, steps: int) -> None:
+    from cmray.train.worker import launch
+
+    t, cfg = study.cfg.teacher, study.teacher_cfg
+    keep = t.max_steps // t.segment_steps + 1  # every segment's checkpoint: the 3/4 point too
+    loop = replace(cfg.loop, steps=steps, checkpoint_every=t.segment_steps)
+    launch(replace(cfg, loop=loop, run=replace(cfg.run, keep_checkpoints=keep)))
+
+
+def train_teacher(study: Study, log: Log) -> dict[str, Any]:
+    """Train the teacher to 4 segments, then double its length until the last quarter of its
+    training improved the 35-NFE figure by less than ``teacher.tolerance`` (or until
+    ``teacher.max_steps``). One Ray Train run, resumed by each extension."""
+    t = study.cfg.teacher
+    path = study.out / "teacher" / "curve.json"
+    state = read_json(path) or {"curve": [], "converged": None}
+    steps = state["curve"][-1]["step"] if state["curve"] else 4 * t.segment_steps
+    while state["converged"] is None:
+        log(f"teacher: training to step {steps} (at most {t.max_steps})")
+        _train_teacher_to(study, steps)
+        measured = {c["step"] for c in state["curve"]}
+        for step in (3 * steps // 4, steps):
+            if step not in measured:
+                state["curve"].append(_teacher_point(study, step, log))
+                log(f"teacher: step {step} {study.metric} {state['curve'][-1][study.metric]:.3f}")
+        state["curve"].sort(key=lambda c: c["step"])
+        done = converged(state["curve"], t.tolerance, study.metric)
+        if done or 2 * steps > t.max_steps:
+            state["converged"] = bool(done)
+        write_json(path, state)
+        steps *= 2
+    return state
+
+
+def train_students(study: Study, log: Log) -> list[dict[str, Any]]:
+    """The rows as one Tune grid search (restored, not repeated, when the study re-runs)."""
+    from cmray.tune.search import run_search
+
+    outcome = run_search(study.search, log)
+    return outcome.rows
+
+
+def score_row(study: Study, row: dict[str, Any], log: Log) -> dict[str, Any]:
+    """A row's one- and two-step figures (kept in its directory: a re-run reuses them)."""
+    from cmray.eval.evaluate import score_model, write_report
+    from cmray.experiments.reproduce_report import save_images
+
+    name = row[VARIANT_KEY]
+    out = study.out / "rows" / slug(name)
+    method = row_method(study, name)
+    entry = {"name": name, "trial": row["trial"], "status": row["status"], "method": method}
+    entry["family"] = family_of(method)
+    if row["status"] == "error":
+        return {**entry, "error": error_line(study.out / STUDENTS_RUN, row["trial"])}
+    saved = read_json(out / "eval.json")
+    if saved is None:
+        log(f"scoring {name}")
+        model = study.search.trial_run_key(row["trial"])
+        scored = score_model(eval_config(study, model, out), log)
+        save_images(out / "images.pt", scored.images)
+        write_report(str(out), scored)
+        saved = scored.report
+    return {**entry, "results": saved["results"], "search": saved["search"]}
+
+
+def score_teacher_table(study: Study, log: Log) -> dict[str, Any]:
+    """The teacher at every configured point count, on the rows' noise."""
+    from cmray.eval.evaluate import score_teacher, write_report
+    from cmray.experiments.reproduce_report import save_images
+
+    out = study.out / "teacher"
+    saved = read_json(out / "eval.json")
+    if saved is None:
+        cfg = eval_config(study, study.teacher_source, out)
+        scored = score_teacher(cfg, study.cfg.eval.teacher_points, log)
+        save_images(out / "images.pt", scored.images)
+        write_report(str(out), scored)
+        saved = scored.report
+    return saved
+
+
+def row_method(study: Study, name: str) -> str:
+    """cd, ct, ict, ect, sct or scd: what a row trains, read from its config."""
+    objective = study.search.trial_config({VARIANT_KEY: name}).objective
+    return method_name(objective.kind, objective.scm.mode, objective.ct.curriculum)
+
+
+def training_images(cfg: TrainConfig) -> int:
+    """The images one run trains on: steps times the global batch."""
+    return cfg.loop.steps * cfg.data.batch_size * cfg.run.num_workers
+
+
+def assemble(
+    study: Study, teacher: dict[str, Any], teacher_eval: dict[str, Any], rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """results.json's content: the teacher, every row, the floor, the budget, the targets."""
+    for entry in teacher_eval["results"]:
+        entry["baseline"] = entry["points"] == study.cfg.teacher.points
+    base = study.search.trial_config({VARIANT_KEY: rows[0]["name"]})
+    images = training_images(base)
+    results = {
+        "suite": "digits",
+        "metric": study.metric,
+        "score": teacher_eval["features"]["score"],
+        "study": to_dict(study.cfg),
+        "timings_s": study.timings,
+        "floor": teacher_eval["reference"]["split_half_frechet"],
+        "floor_name": "Real images (one half against the other)",
+        "budget_line": (
+            f"Every row: {base.loop.steps} steps of {images // base.loop.steps} images "
+            f"({images} training images); the teacher: {teacher['curve'][-1]['step']} steps of "
+            f"{training_images(study.teacher_cfg) // study.teacher_cfg.loop.steps}."
+        ),
+        "teacher": {**teacher, "results": teacher_eval["results"]},
+        "rows": rows,
+    }
+    return add_ratios(results)
+
+
+def sample_figure(study: Study, results: dict[str, Any], path: Path) -> Path:
+    """One 4 x 4 grid per row (the teacher's baseline first), all from the same noise."""
+    teacher = load_images(study.out / "teacher" / "images.pt")
+    rows = {r["name"]: load_images(study.out / "rows" / slug(r["name"]) / "images.pt")
+            for r in results["rows"]}  # fmt: skip
+    return image_figure(image_panels(results, teacher, rows), path)
+
+
+def run_study(cfg: ReproduceConfig, log: Log = print) -> dict[str, Any]:
+    """Every phase in order; returns what ``results.json`` holds."""
+    from cmray.cluster import ray_init
+    from cmray.experiments import reproduce_report as report
+
+    study = plan_study(cfg)  # every config mistake surfaces before anything starts
+    study.out.mkdir(parents=True, exist_ok=True)
+    (study.out / "study.yaml").write_text(dump_yaml(cfg))
+    timed = timer(study.timings, log)
+    timed("data", lambda: prepare_data(study, log))
+    ray_init()
+    parent = report.open_parent(study)
+    if parent is not None:  # the teacher's run nests under the study's too
+        tracking = replace(study.teacher_cfg.tracking, parent_run=parent.run_id or "")
+        study.teacher_cfg = replace(study.teacher_cfg, tracking=tracking)
+    teacher = timed("teacher", lambda: train_teacher(study, log))
+    rows = timed("students", lambda: train_students(study, log))
+    teacher_eval = timed("teacher_eval", lambda: score_teacher_table(study, log))
+    names = [r.name for r in cfg.students.rows]
+    scored = timed("rows_eval", lambda: [score_row(study, r, log) for r in in_order(names, rows)])
+    results = assemble(study, teacher, teacher_eval, scored)
+    paths = report.write_all(study, results, lambda p: sample_figure(study, results, p), log)
+    report.close_parent(study, parent, results, paths)
+    return results

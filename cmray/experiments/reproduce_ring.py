@@ -1,0 +1,355 @@
+"""The reproduction study's 2D suite: the same rows on the tutorial's ring of Gaussians.
+
+The teacher (the ring's EDM MLP) trains here, its epochs doubled until the last quarter of its
+training improved its 99-step energy distance by less than ``teacher.tolerance``; the rows are
+one Ray Tune grid over named variants of ``configs/toy2d.yaml`` (each a one-worker Ray Train
+trial, as a toy search's trials are); every row and the teacher are then scored on the same
+noise against the same fresh draws from the true ring: one step, two steps (the ternary search
+picking tau on a Karras grid), and the teacher with its own sampler and Heun at 1, 2, 4, 18
+points.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cmray.config import ConfigError, load_config, to_dict
+from cmray.core.sampling import (
+    sample_edm_heun,
+    sample_multistep,
+    sample_onestep,
+    sample_teacher_ode,
+    taus_from_indices,
+)
+from cmray.core.schedules import karras_sigmas
+from cmray.eval.search import greedy_indices
+from cmray.eval.toy import TOY_METRIC, quality_report
+from cmray.experiments.reproduce_config import ReproduceConfig
+from cmray.experiments.reproduce_report import add_ratios
+from cmray.experiments.study import (
+    converged,
+    error_line,
+    family_of,
+    in_order,
+    method_name,
+    read_json,
+    timer,
+    write_json,
+)
+from cmray.storage import absolute, write_bytes_atomic
+from cmray.train import toy
+from cmray.train.toy_config import Toy2DConfig
+from cmray.tune.config import (
+    VARIANT_KEY,
+    SchedulerConfig,
+    SearchParam,
+    SearchPlan,
+    SearchRunConfig,
+    TuneConfig,
+    plan_search,
+)
+
+Log = Callable[[str], None]
+STUDENTS_RUN = "students"
+
+
+@dataclass
+class RingStudy:
+    """A checked ring study: its config, directory, the ring's config and the rows' search."""
+
+    cfg: ReproduceConfig
+    out: Path
+    toy: Toy2DConfig
+    search: SearchPlan
+    metric: str = TOY_METRIC
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def plan_ring(cfg: ReproduceConfig) -> RingStudy:
+    """Check the ring's config and every row before anything starts."""
+    out = Path(absolute(cfg.out))
+    base = load_config(Toy2DConfig, cfg.ring.config, cfg.ring.set)
+    if base.teacher.objective != "edm":
+        raise ConfigError(
+            "ring: teacher.objective must be edm (ECT and sCM start from its weights)",
+            key="ring.set",
+        )
+    names = [r.name for r in cfg.students.rows]
+    search = TuneConfig(
+        experiment="toy2d",
+        base=cfg.ring.config,
+        overrides=list(cfg.ring.set),
+        space=[SearchParam(VARIANT_KEY, "grid", names)],
+        variants=list(cfg.students.rows),
+        num_samples=1,
+        seed=cfg.eval.seed,
+        scheduler=SchedulerConfig(enabled=False),
+        run=SearchRunConfig(
+            name=STUDENTS_RUN,
+            storage_path=str(out),
+            max_concurrent_trials=cfg.students.concurrent,
+            max_failures=cfg.students.max_failures,
+        ),
+        tracking=cfg.tracking,
+    )
+    search.toy.cpus = cfg.ring.cpus
+    search.toy.quality_samples = cfg.eval.num_samples
+    search.toy.reference_samples = base.eval.reference_samples
+    plan = plan_search(search)
+    plan.cfg.toy.quality_every = plan.max_t  # scored once, at the end: the search's figure
+    return RingStudy(cfg, out, base, plan)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class Bench:
+    """The noise and the true-ring draws every sampler of the study is scored on."""
+
+    z: torch.Tensor
+    reference: torch.Tensor
+    ring: Any
+    seed: int
+
+    @classmethod
+    def of(cls, study: RingStudy) -> Bench:
+        seed, ring = study.cfg.eval.seed, toy.ring_of(study.toy)
+        draws = torch.Generator().manual_seed(seed + 1)
+        reference = ring.sample(study.toy.eval.reference_samples, draws)
+        z = torch.randn(
+            study.cfg.eval.num_samples, 2, generator=torch.Generator().manual_seed(seed)
+        )
+        return cls(z, reference, ring, seed)
+
+    def floor(self) -> float:
+        """Real against real: fresh draws from the true ring, as many as the samples."""
+        draws = torch.Generator().manual_seed(self.seed + 5)
+        x = self.ring.sample(self.z.shape[0], draws)
+        return quality_report(x, self.reference, self.ring)[TOY_METRIC]
+
+    def score(self, x: torch.Tensor, nfe: int, sampler: str) -> dict[str, Any]:
+        return {"sampler": sampler, "nfe": nfe, **quality_report(x, self.reference, self.ring)}
+
+
+def teacher_sampler_figure(study: RingStudy, bench: Bench, teacher: torch.nn.Module) -> float:
+    """The teacher with its own sampler (the tutorial's 100-point Euler solve, 99 NFE)."""
+    return score_teacher(study, bench, teacher, own_only=True)[0][TOY_METRIC]
+
+
+@torch.no_grad()
+def score_teacher(
+    study: RingStudy, bench: Bench, teacher: torch.nn.Module, own_only: bool = False
+) -> list[dict[str, Any]]:
+    t, noise = study.toy.teacher, study.toy.noise
+    own = sample_teacher_ode(teacher, bench.z, _own_grid(study), t.solver)
+    name = f"{t.solver.capitalize()}, {t.sampler_steps} points"
+    results = [{**bench.score(own.x, own.nfe, name), "points": t.sampler_steps, "own": True}]
+    if own_only:
+        return results
+    args = (noise.sigma_min, noise.sigma_max, noise.rho)
+    for p in study.cfg.ring.heun_points:
+        x = sample_edm_heun(teacher, bench.z, p, *args)
+        plural = "s" if p > 1 else ""
+        results.append({**bench.score(x.x, x.nfe, f"Heun, {p} point{plural}"), "points": p})
+    return results
+
+
+@torch.no_grad()
+def score_student(
+    study: RingStudy, bench: Bench, f: torch.nn.Module
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One step, and two steps with tau found by the greedy ternary search on the figure."""
+    noise, N = study.toy.noise, study.cfg.ring.grid
+    eps = f.parametrization.sigma_min
+
+    def two_step(indices: tuple[int, ...]) -> torch.Tensor:
+        taus = taus_from_indices(indices, N, max(eps, noise.sigma_min), noise.sigma_max, noise.rho)
+        gen = torch.Generator().manual_seed(bench.seed + 2)
+        return sample_multistep(f, bench.z, taus, gen, eps, noise.sigma_max).x
+
+    found = greedy_indices(lambda k: bench.score(two_step(k), 2, "")[TOY_METRIC], N, 2)
+    one = sample_onestep(f, bench.z, noise.sigma_max).x
+    results = [bench.score(one, 1, "1-step"), bench.score(two_step(found.indices), 2, "2-step")]
+    results[1]["indices"] = list(found.indices)
+    search = {
+        "N": N,
+        "evaluated": [{"indices": list(k), TOY_METRIC: v} for k, v in found.evaluated.items()],
+        "chosen": list(found.indices),
+    }
+    return results, search
+
+
+# --------------------------------------------------------------------------- the phases
+
+
+def train_ring_teacher(study: RingStudy, log: Log) -> dict[str, Any]:
+    """Train the teacher, its epochs doubled until the last quarter of training improved its
+    own sampler's figure by less than the tolerance; saved where the rows' trials read it."""
+    path = study.out / "teacher" / "curve.json"
+    state = read_json(path)
+    if state is not None and Path(study.search.teacher_path).is_file():
+        return state
+    bench, epochs = Bench.of(study), study.toy.teacher.optim.epochs
+    while True:
+        curve, teacher = _teacher_run(study, bench, epochs, log)
+        done = converged(curve, study.cfg.teacher.tolerance, TOY_METRIC)
+        if done or 2 * epochs > study.cfg.ring.teacher_max_epochs:
+            break
+        log(f"teacher: still improving at {epochs} epochs; training {2 * epochs} afresh")
+        epochs *= 2
+    buffer = io.BytesIO()
+    torch.save(teacher.state_dict(), buffer)
+    write_bytes_atomic(study.search.teacher_path, buffer.getvalue())
+    state = {"curve": curve, "converged": bool(done), "epochs": epochs}
+    write_json(path, state)
+    return state
+
+
+def _teacher_run(
+    study: RingStudy, bench: Bench, epochs: int, log: Log
+) -> tuple[list[dict[str, float]], torch.nn.Module]:
+    """One teacher trained for ``epochs``, measured at three quarters of its steps and at the
+    end (on the rows' noise and reference draws)."""
+    optim = dataclasses.replace(study.toy.teacher.optim, epochs=epochs)
+    teacher_cfg = dataclasses.replace(study.toy.teacher, optim=optim)
+    cfg = dataclasses.replace(study.toy, teacher=teacher_cfg)
+    data, generator = toy.training_data(cfg)
+    steps = toy.total_steps(data.shape[0], optim)
+    snapshot: list[torch.nn.Module] = []
+
+    def keep(step: int, D: torch.nn.Module) -> None:
+        if step + 1 == 3 * steps // 4:
+            snapshot.append(copy.deepcopy(D).eval().requires_grad_(False))
+
+    torch.manual_seed(cfg.seed)  # the network's initialisation, as the 2D experiment's
+    teacher = toy.train_teacher(cfg, data, generator, None, keep)
+    curve = [
+        {"step": 3 * steps // 4, TOY_METRIC: teacher_sampler_figure(study, bench, snapshot[0])},
+        {"step": steps, TOY_METRIC: teacher_sampler_figure(study, bench, teacher)},
+    ]
+    log(f"teacher: {epochs} epochs: {TOY_METRIC} {curve[0][TOY_METRIC]:.4f} at 3/4, "
+        f"{curve[1][TOY_METRIC]:.4f} at the end")  # fmt: skip
+    return curve, teacher
+
+
+def row_method(study: RingStudy, name: str) -> str:
+    """cd, ct, ict, ect, sct or scd: what a row trains."""
+    method = study.search.cfg.trial_settings({VARIANT_KEY: name}).method
+    if method in ("sct", "scd"):
+        return method
+    curriculum = study.search.trial_config({VARIANT_KEY: name}).ct.curriculum
+    return method_name(method, curriculum=curriculum if method == "ct" else "")
+
+
+def load_row(study: RingStudy, name: str, trial: str, teacher: torch.nn.Module) -> torch.nn.Module:
+    """A finished row's sampling network, from its trial's newest checkpoint."""
+    from cmray.train.worker import STUDENT_FILE
+
+    run = Path(study.search.trial_run_key(trial))
+    newest = max(run.glob(f"checkpoint_*/{STUDENT_FILE}"), key=lambda p: p.parent.name)
+    settings = study.search.trial_config({VARIANT_KEY: name})
+    method = study.search.cfg.trial_settings({VARIANT_KEY: name}).method
+    data, _ = toy.training_data(settings)
+    student = toy.Student(settings, method, data, teacher if method != "ct" else None)
+    student.load_state_dict(torch.load(newest, weights_only=True))
+    return student.sampler.eval().requires_grad_(False)
+
+
+def score_row(
+    study: RingStudy, bench: Bench, row: dict[str, Any], teacher: torch.nn.Module
+) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """A row's entry (one and two steps, or why it failed) and its one-step samples."""
+    name = row[VARIANT_KEY]
+    method = row_method(study, name)
+    entry = {"name": name, "trial": row["trial"], "status": row["status"], "method": method}
+    entry["family"] = family_of(method)
+    if row["status"] == "error":
+        return {**entry, "error": error_line(study.out / STUDENTS_RUN, row["trial"])}, None
+    f = load_row(study, name, row["trial"], teacher)
+    results, search = score_student(study, bench, f)
+    one = sample_onestep(f, bench.z, study.toy.noise.sigma_max).x
+    return {**entry, "results": results, "search": search}, one
+
+
+def assemble(
+    study: RingStudy,
+    teacher: dict[str, Any],
+    teacher_results: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """results.json's content, in the digits suite's shape."""
+    for entry in teacher_results:
+        entry["baseline"] = bool(entry.get("own"))
+    base = study.search.trial_config({VARIANT_KEY: rows[0]["name"]})
+    method = study.search.cfg.trial_settings({VARIANT_KEY: rows[0]["name"]}).method
+    optim = toy.student_settings(base, method).optim
+    steps = toy.total_steps(base.ring.train_points, optim)
+    results = {
+        "suite": "ring",
+        "metric": TOY_METRIC,
+        "study": to_dict(study.cfg),
+        "timings_s": study.timings,
+        "floor": Bench.of(study).floor(),
+        "floor_name": "Draws from the true ring",
+        "budget_line": (
+            f"Every row: {steps} steps of {optim.batch_size} points ({optim.epochs} epochs of "
+            f"{base.ring.train_points}); the teacher: {teacher['epochs']} epochs."
+        ),
+        "teacher": {**teacher, "results": teacher_results},
+        "rows": rows,
+    }
+    return add_ratios(results)
+
+
+def scatter_figure(study: RingStudy, panels: dict[str, torch.Tensor], path: Path) -> Path:
+    """Each row's one-step samples over the true ring, beside the teacher's (same noise)."""
+    from cmray.eval.plots import plot_samples
+
+    ring, cfg = toy.ring_of(study.toy), study.toy
+    data = ring.sample(2000, torch.Generator().manual_seed(cfg.seed + 4))
+    lim = 1.6 * (cfg.ring.radius + 3 * cfg.ring.std)
+    return plot_samples(data, panels, lim, path)
+
+
+def run_ring_study(cfg: ReproduceConfig, log: Log = print) -> dict[str, Any]:
+    """The ring suite's phases in order; returns what ``results.json`` holds."""
+    from cmray.cluster import ray_init
+    from cmray.experiments import reproduce_report as report
+    from cmray.train.worker import _toy_teacher
+    from cmray.tune.search import run_search
+
+    study = plan_ring(cfg)  # every config mistake surfaces before anything starts
+    study.out.mkdir(parents=True, exist_ok=True)
+    timed = timer(study.timings, log)
+    state = timed("teacher", lambda: train_ring_teacher(study, log))
+    ray_init()
+    parent = report.open_parent(study)
+    rows = timed("students", lambda: run_search(study.search, log).rows)
+    teacher = _toy_teacher(study.toy, study.search.teacher_path)
+    bench = Bench.of(study)
+    teacher_results = score_teacher(study, bench, teacher)
+    own = sample_teacher_ode(teacher, bench.z, _own_grid(study), study.toy.teacher.solver).x
+    panels, scored = {"teacher": own}, []
+    for row in in_order([r.name for r in cfg.students.rows], rows):
+        entry, one = score_row(study, bench, row, teacher)
+        scored.append(entry)
+        if one is not None:
+            panels[f"{entry['name']}, 1 step"] = one
+    results = assemble(study, state, teacher_results, scored)
+    paths = report.write_all(study, results, lambda p: scatter_figure(study, panels, p), log)
+    report.close_parent(study, parent, results, paths)
+    return results
+
+
+def _own_grid(study: RingStudy) -> torch.Tensor:
+    t, noise = study.toy.teacher, study.toy.noise
+    return karras_sigmas(t.sampler_steps, noise.sigma_min, noise.sigma_max, noise.rho)
