@@ -107,6 +107,8 @@ def _eval_command(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(EvalConfig, args)
     try:
+        if getattr(args, "compare", None) and not Path(args.compare).is_file():
+            raise FileNotFoundError(f"--compare {args.compare}: no such results.json")
         ev.preflight(cfg, with_model=args.action == "run")
         if args.action == "ref-stats":
             stats = ev.compute_ref_stats(cfg)
@@ -118,6 +120,13 @@ def _eval_command(args: argparse.Namespace) -> int:
         return 2
     print("\n".join(ev.summary_lines(report)))
     print(f"wrote {cfg.out}/eval.json and {cfg.out}/samples.png")
+    if getattr(args, "compare", None):
+        import json
+
+        from cmray.experiments.reproduce_report import compare_line
+
+        study = json.loads(Path(args.compare).read_text())
+        print(compare_line(report, study, args.compare))
     return 0
 
 
@@ -134,6 +143,12 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
         "its manifest; run: score one-step and multistep samples of a model",
     )
     add_config_args(evaluate)
+    evaluate.add_argument(
+        "--compare",
+        metavar="RESULTS",
+        help="a reproduction study's results.json: print this model's figures beside its "
+        "teacher's and real against real (make demo: docs/reproduce/digits/results.json)",
+    )
     evaluate.set_defaults(run=_eval_command)
 
 

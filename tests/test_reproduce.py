@@ -289,7 +289,10 @@ def miniature(tmp_path: Path, mlflow: str) -> dict:
             "set": [*tiny, "loop.steps=4", "loop.checkpoint_every=2"],
             "rows": [
                 {"name": "CD", "set": [*cd, "objective.cd.N=18"]},
-                {"name": "Diverges", "set": ["optim.lr=1.0e9", "loop.nonfinite_limit=1"]},
+                {
+                    "name": "Diverges",
+                    "set": ["optim.lr=1.0e9", "loop.nonfinite_limit=1", "run.max_failures=0"],
+                },
             ],
             "max_failures": 0,
         },
@@ -360,7 +363,11 @@ def test_a_miniature_study_runs_as_one_search_and_reports_every_row(
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 3 and len(runs) == 4  # the teacher and two rows
+    names = {r.info.run_name for r in children}
+    # The teacher and the CD row; the diverging row dies before its first report, so whether
+    # its run was created by then is a race, not something to assert either way.
+    assert {"teacher", f"trial_{cd['trial']}"} <= names and len(children) <= 3
+    assert len(runs) == len(children) + 1
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["teacher_baseline"] == pytest.approx(teacher[18]["fd_digits"])
     artifacts = {f.path for f in client.list_artifacts(parent.info.run_id)}
@@ -446,3 +453,21 @@ def test_a_ring_row_is_scored_on_the_studys_noise_in_one_and_two_steps(tmp_path:
     teacher_rows = score_teacher(study, bench, teacher)
     assert [r["nfe"] for r in teacher_rows] == [99, 1, 3, 7, 35]
     assert teacher_rows[0]["own"] and 0 <= teacher_rows[0]["on_mode"] <= 1
+
+
+def test_the_demo_line_puts_a_model_beside_the_studys_teacher_and_the_floor() -> None:
+    from cmray.experiments.reproduce_report import compare_line
+
+    report = {
+        "features": {"frechet": "fd"},
+        "results": [{"nfe": 1, "fd": 100.26}, {"nfe": 2, "fd": 82.61}],
+        "reference": {"split_half_frechet": 3.183},
+    }
+    study = _results([])
+    line = compare_line(report, study, "docs/x.json")
+    assert line == (
+        "fd: 1-step 100.3, 2-step 82.6 | the study's teacher at 35 NFE (docs/x.json): 10.0 | "
+        "real against real: 3.18"
+    )
+    with pytest.raises(ValueError, match="reports energy_distance, this evaluation fd"):
+        compare_line(report, {**study, "metric": "energy_distance"}, "ring.json")

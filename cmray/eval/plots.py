@@ -64,11 +64,20 @@ def plot_onestep_mapping(
 
 
 def plot_samples(
-    data: torch.Tensor, samples: dict[str, torch.Tensor], lim: float, path: Path
+    data: torch.Tensor,
+    samples: dict[str, torch.Tensor],
+    lim: float,
+    path: Path,
+    cols: int | None = None,
 ) -> Path:
-    """Figs. 8 and 10: each method's samples (orange) over the true distribution (blue)."""
-    fig, axes = plt.subplots(1, len(samples), figsize=(3.2 * len(samples), 3.4), squeeze=False)
-    for ax, (name, x) in zip(axes[0], samples.items(), strict=True):
+    """Figs. 8 and 10: each method's samples (orange) over the true distribution (blue), in
+    rows of ``cols`` panels (one row by default)."""
+    cols = cols or len(samples)
+    rows = -(-len(samples) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(samples) :]:
+        ax.axis("off")
+    for ax, (name, x) in zip(axes.flat, samples.items(), strict=False):
         ax.scatter(*data.T, **DATA_STYLE)
         ax.scatter(*x.T, s=2, c="tab:orange", alpha=0.5, label="samples")
         _frame(ax, lim, name)

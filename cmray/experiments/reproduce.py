@@ -326,7 +326,7 @@ def run_study(cfg: ReproduceConfig, log: Log = print) -> dict[str, Any]:
     study = plan_study(cfg)  # every config mistake surfaces before anything starts
     study.out.mkdir(parents=True, exist_ok=True)
     (study.out / "study.yaml").write_text(dump_yaml(cfg))
-    timed = timer(study.timings, log)
+    timed = timer(study.timings, study.out / "timings.json", log)
     timed("data", lambda: prepare_data(study, log))
     ray_init()
     parent = report.open_parent(study)

@@ -118,6 +118,21 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def compare_line(report: dict[str, Any], study: dict[str, Any], where: str) -> str:
+    """One line for a person: an evaluation's one- and n-step figures beside a study's teacher
+    (its baseline sampler) and real against real, all scored the same way."""
+    metric = report["features"]["frechet"]
+    if study.get("metric") != metric:
+        raise ValueError(f"{where} reports {study.get('metric')}, this evaluation {metric}")
+    mine = ", ".join(f"{r['nfe']}-step {r[metric]:.1f}" for r in report["results"])
+    base = baseline(study)
+    floor = report["reference"]["split_half_frechet"]
+    return (
+        f"{metric}: {mine} | the study's teacher at {base['nfe']} NFE ({where}): "
+        f"{base[metric]:.1f} | real against real: {floor:.2f}"
+    )
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -212,7 +227,7 @@ def image_figure(panels: list[tuple[str, torch.Tensor]], path: Path) -> Path:
 
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (title, images) in zip(axes.flat, panels, strict=False):
@@ -280,7 +295,7 @@ def open_parent(study: StudyLike) -> Any:
         return None
     from cmray.tracking import Tracker
 
-    tracker = Tracker(study.cfg.tracking, study.cfg.name, study.search.root)
+    tracker = Tracker(_quiet(study), study.cfg.name, study.search.root)
     tracker.started(timeout=180.0)
     tracker.log_text(dump_yaml(study.cfg), "study.yaml")
     return tracker
@@ -297,7 +312,7 @@ def log_row(study: StudyLike, row: dict[str, Any]) -> None:
         for key in (study.metric, "ratio_to_teacher"):
             metrics[f"eval_{e['nfe']}step_{key}"] = e[key]
     key = study.search.trial_run_key(row["trial"])
-    tracker = Tracker(study.cfg.tracking, row["name"], key)
+    tracker = Tracker(_quiet(study), row["name"], key)
     tracker.log_metrics(_finite(metrics), 0)
     tracker.close()
 
@@ -321,6 +336,14 @@ def close_parent(
     for path in paths:
         tracker.submit(lambda c, r, p=str(path): c.log_artifact(r, p))
     tracker.close()
+
+
+def _quiet(study: StudyLike) -> Any:
+    """The study's tracking without a system-metrics monitor: these runs only take results
+    (the rows' and the teacher's own runs monitor their training)."""
+    from dataclasses import replace
+
+    return replace(study.cfg.tracking, system_metrics=False)
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:

@@ -317,37 +317,46 @@ def scatter_figure(study: RingStudy, panels: dict[str, torch.Tensor], path: Path
     ring, cfg = toy.ring_of(study.toy), study.toy
     data = ring.sample(2000, torch.Generator().manual_seed(cfg.seed + 4))
     lim = 1.6 * (cfg.ring.radius + 3 * cfg.ring.std)
-    return plot_samples(data, panels, lim, path)
+    return plot_samples(data, panels, lim, path, cols=4)
 
 
 def run_ring_study(cfg: ReproduceConfig, log: Log = print) -> dict[str, Any]:
     """The ring suite's phases in order; returns what ``results.json`` holds."""
     from cmray.cluster import ray_init
     from cmray.experiments import reproduce_report as report
-    from cmray.train.worker import _toy_teacher
     from cmray.tune.search import run_search
 
     study = plan_ring(cfg)  # every config mistake surfaces before anything starts
     study.out.mkdir(parents=True, exist_ok=True)
-    timed = timer(study.timings, log)
+    timed = timer(study.timings, study.out / "timings.json", log)
     state = timed("teacher", lambda: train_ring_teacher(study, log))
     ray_init()
     parent = report.open_parent(study)
     rows = timed("students", lambda: run_search(study.search, log).rows)
+    panels, scored, teacher_results = timed("scoring", lambda: _score_all(study, rows))
+    results = assemble(study, state, teacher_results, scored)
+    paths = report.write_all(study, results, lambda p: scatter_figure(study, panels, p), log)
+    report.close_parent(study, parent, results, paths)
+    return results
+
+
+def _score_all(
+    study: RingStudy, rows: list[dict[str, Any]]
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The teacher's and every row's figures on the same noise, and the one-step samples."""
+    from cmray.train.worker import _toy_teacher
+
     teacher = _toy_teacher(study.toy, study.search.teacher_path)
     bench = Bench.of(study)
     teacher_results = score_teacher(study, bench, teacher)
     own = sample_teacher_ode(teacher, bench.z, _own_grid(study), study.toy.teacher.solver).x
     panels, scored = {"teacher": own}, []
-    for row in in_order([r.name for r in cfg.students.rows], rows):
+    for row in in_order([r.name for r in study.cfg.students.rows], rows):
         entry, one = score_row(study, bench, row, teacher)
         scored.append(entry)
         if one is not None:
             panels[f"{entry['name']}, 1 step"] = one
-    results = assemble(study, state, teacher_results, scored)
-    paths = report.write_all(study, results, lambda p: scatter_figure(study, panels, p), log)
-    report.close_parent(study, parent, results, paths)
-    return results
+    return panels, scored, teacher_results
 
 
 def _own_grid(study: RingStudy) -> torch.Tensor:

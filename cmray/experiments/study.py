@@ -42,14 +42,20 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "row"
 
 
-def timer(timings: dict[str, float], log: Log) -> Callable[[str, Callable[[], Any]], Any]:
-    """``timed(phase, fn)``: run fn, record its seconds under ``phase``, and say so."""
+def timer(
+    timings: dict[str, float], path: Path, log: Log
+) -> Callable[[str, Callable[[], Any]], Any]:
+    """``timed(phase, fn)``: run fn and add its seconds to ``phase`` in ``timings`` and in the
+    file at ``path``, so a resumed study reports the time spent over all its runs."""
+    timings.update(read_json(path) or {})
 
     def timed(phase: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
         result = fn()
-        timings[phase] = round(time.perf_counter() - start, 1)
-        log(f"{phase}: {timings[phase]:.0f} s")
+        seconds = time.perf_counter() - start
+        timings[phase] = round(timings.get(phase, 0.0) + seconds, 1)
+        write_json(path, timings)
+        log(f"{phase}: {seconds:.0f} s")
         return result
 
     return timed
