@@ -15,6 +15,7 @@ from typing import Any
 
 from cmray.config import ConfigError, load_config
 from cmray.data.config import PrepareConfig
+from cmray.experiments.reproduce_config import ReproduceConfig
 from cmray.train.config import TrainConfig
 from cmray.tune.config import TuneConfig, plan_search
 
@@ -29,6 +30,7 @@ PIPELINES = {
     "train": Pipeline("pipelines/train.py", TrainConfig),
     "tune": Pipeline("pipelines/tune.py", TuneConfig),
     "prepare-data": Pipeline("pipelines/prepare_data.py", PrepareConfig),
+    "reproduce": Pipeline("pipelines/reproduce.py", ReproduceConfig),
 }
 # Never uploaded, even from a directory git does not know: outputs, environments, caches.
 EXCLUDES = [".venv/", "runs/", ".git/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/"]
@@ -48,7 +50,21 @@ def check_config(kind: str, config: str, overrides: Sequence[str], working_dir: 
     cfg = load_config(PIPELINES[kind].config_class, path, overrides)
     if kind == "tune":  # its base config is named relative to the working directory, as in the job
         plan_search(replace(cfg, base=str(root / cfg.base)))
+    if kind == "reproduce":
+        _plan_study(cfg, root)
     return path.relative_to(root).as_posix()
+
+
+def _plan_study(cfg: ReproduceConfig, root: Path) -> None:
+    """A study's teacher, rows and ring configs checked as the job will read them."""
+    from cmray.experiments.reproduce import plan_study
+    from cmray.experiments.reproduce_ring import plan_ring
+
+    teacher = replace(cfg.teacher, config=str(root / cfg.teacher.config))
+    students = replace(cfg.students, config=str(root / cfg.students.config))
+    ring = replace(cfg.ring, config=str(root / cfg.ring.config))
+    located = replace(cfg, teacher=teacher, students=students, ring=ring)
+    (plan_ring if cfg.suite == "ring" else plan_study)(located)
 
 
 def entrypoint(kind: str, config: str, overrides: Sequence[str]) -> str:

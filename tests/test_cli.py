@@ -38,3 +38,17 @@ def test_a_search_is_checked_against_the_working_dir_from_anywhere(tmp_path, mon
     with pytest.raises(ConfigError, match=r"configs/nope\.yaml"):
         check_config("tune", config, ["base=configs/nope.yaml"], str(ROOT))
     assert Path.cwd() == tmp_path
+
+
+@pytest.mark.parametrize("suite", ["digits", "ring"])
+def test_a_study_is_checked_row_by_row_before_it_is_submitted(suite, tmp_path, monkeypatch):
+    from cmray.config import ConfigError
+    from cmray.jobs import check_config
+
+    monkeypatch.chdir(tmp_path)  # its configs are named relative to the working dir
+    config = str(ROOT / "configs" / f"reproduce_{suite}.yaml")
+    assert check_config("reproduce", config, [], str(ROOT)) == f"configs/reproduce_{suite}.yaml"
+    bad = "students.rows=[{name: A, set: [optim.lr=-1]}]"
+    with pytest.raises(ConfigError, match=r"space variant = 'A'"):
+        check_config("reproduce", config, [bad], str(ROOT))
+    assert not (tmp_path / "runs").exists()  # nothing written by the check
