@@ -120,10 +120,12 @@ def make_config(args: argparse.Namespace, work: Path, setting: str) -> TrainConf
     objective = data.get("objective", {})
     if objective.get("metric") == "lpips":
         values["objective.lpips_weights"] = str(work / VGG16_FILE)
-    # Every model source the objective reads (CD's teacher, ECT's and sCM's start, sCD's
-    # teacher) is the one random EDM file.
+    # Every model source the shipped config names (CD's teacher and start, ECT's and sCM's
+    # start, sCD's teacher) becomes the one random EDM file; a CT config names none.
     for key in ObjectiveConfig.SOURCE_FIELDS:
-        values[f"objective.{key}"] = str(work / TEACHER_FILE)
+        section, name = key.split(".")
+        if objective.get(section, {}).get(name):
+            values[f"objective.{key}"] = str(work / TEACHER_FILE)
     return from_dict(TrainConfig, with_values(data, values))
 
 

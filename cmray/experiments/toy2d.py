@@ -43,20 +43,10 @@ class ToyModels:
 NAMES = ("teacher", "cd", "ct", "ect", "sct")
 
 
-def train_teacher(
-    cfg: Toy2DConfig, log: Log | None = None
-) -> tuple[torch.nn.Module, torch.Tensor, torch.Generator]:
-    """The run's diffusion teacher, with the training set and the generator the students that
-    follow it in the same run go on with."""
-    data, generator = toy.training_data(cfg)
-    torch.manual_seed(cfg.seed)  # network initialisation
-    return toy.train_teacher(cfg, data, generator, log), data, generator
-
-
 def train_all(cfg: Toy2DConfig, log: Log | None = None) -> ToyModels:
     """Teacher, then CD from it, CT from data alone, ECT and sCT tuned from the teacher's
     weights; one generator seeds them all."""
-    teacher, data, generator = train_teacher(cfg, log)
+    teacher, data, generator = toy.train_run_teacher(cfg, log)
     _, cd = toy.train_cd(cfg, data, teacher, generator, log)
     _, ct = toy.train_ct(cfg, data, generator, log)
     ect = toy.train_ect(cfg, data, teacher, generator, log)

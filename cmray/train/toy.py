@@ -142,6 +142,16 @@ def train_teacher(
     return D.eval().requires_grad_(False)
 
 
+def train_run_teacher(
+    cfg: Toy2DConfig, log: Log | None = None
+) -> tuple[nn.Module, torch.Tensor, torch.Generator]:
+    """A run's diffusion teacher from its seed, with the training set and the generator the
+    students that follow it in the same run go on with."""
+    data, generator = training_data(cfg)
+    torch.manual_seed(cfg.seed)  # network initialisation
+    return train_teacher(cfg, data, generator, log), data, generator
+
+
 def sample_t(
     batch: int, sigma_min: float, sigma_max: float, dist: str, generator: torch.Generator
 ) -> torch.Tensor:

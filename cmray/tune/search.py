@@ -155,13 +155,13 @@ def write_outcome(plan: SearchPlan, outcome: Outcome) -> str:
 def _toy_teacher(plan: SearchPlan, log: Log) -> None:
     """A toy search's one teacher (for CD, ECT, sCT, sCD trials), trained here once (kept for
     a restored search)."""
-    from cmray.experiments.toy2d import train_teacher
+    from cmray.train.toy import train_run_teacher
 
     path = plan.teacher_path
     fs, local = url_to_fs(path)
     if fs.exists(local):
         return
-    teacher, _, _ = train_teacher(plan.trial_config({}), log)
+    teacher, _, _ = train_run_teacher(plan.trial_config({}), log)
     buffer = io.BytesIO()
     torch.save(teacher.state_dict(), buffer)
     write_bytes_atomic(path, buffer.getvalue())
