@@ -35,32 +35,24 @@ from cmray.experiments.reproduce_report import (
     load_images,
 )
 from cmray.experiments.study import (
+    STUDENTS_RUN,
     converged,
     error_line,
     family_of,
     in_order,
     method_name,
     read_json,
+    rows_search,
     slug,
     timer,
     write_json,
 )
 from cmray.storage import absolute
 from cmray.train.config import TrainConfig
-from cmray.tune.config import (
-    VARIANT_KEY,
-    SchedulerConfig,
-    SearchParam,
-    SearchPlan,
-    SearchRunConfig,
-    TuneConfig,
-    VariantConfig,
-    plan_search,
-)
+from cmray.tune.config import VARIANT_KEY, SearchPlan, TuneConfig, VariantConfig, plan_search
 
 Log = Callable[[str], None]
 TEACHER_RUN = "teacher"
-STUDENTS_RUN = "students"
 
 
 # --------------------------------------------------------------------------- the plan
@@ -119,33 +111,14 @@ def _search_config(cfg: ReproduceConfig, out: Path, teacher: str) -> TuneConfig:
         f"quality.num_samples={cfg.eval.search_samples}",
         f"data.manifest={absolute(cfg.data.manifest)}/manifest.json",
     ]
-    rows = _rows(cfg, teacher)
-    return TuneConfig(
-        experiment="train",
-        base=cfg.students.config,
-        overrides=[*cfg.students.set, *quality],
-        space=[SearchParam(VARIANT_KEY, "grid", [r.name for r in rows])],
-        variants=rows,
-        num_samples=1,
-        seed=cfg.eval.seed,
-        scheduler=SchedulerConfig(enabled=False),
-        run=SearchRunConfig(
-            name=STUDENTS_RUN,
-            storage_path=str(out),
-            max_concurrent_trials=cfg.students.concurrent,
-            max_failures=cfg.students.max_failures,
-        ),
-        tracking=cfg.tracking,
-    )
+    overrides = [*cfg.students.set, *quality]
+    return rows_search(cfg, "train", cfg.students.config, overrides, _rows(cfg, teacher), out)
 
 
 def plan_study(cfg: ReproduceConfig) -> Study:
     """Check the teacher's config and every row's before anything starts."""
     out = Path(absolute(cfg.out))
     teacher_cfg = _teacher_config(cfg, out)
-    names = [r.name for r in cfg.students.rows]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"students.rows: names {names} repeat", key="students.rows")
     search = plan_search(_search_config(cfg, out, str(out / "train" / TEACHER_RUN)))
     return Study(cfg, out, teacher_cfg, search, FRECHET_NAMES[cfg.eval.features])
 
@@ -278,9 +251,9 @@ def row_method(study: Study, name: str) -> str:
     return method_name(objective.kind, objective.scm.mode, objective.ct.curriculum)
 
 
-def training_images(cfg: TrainConfig) -> int:
-    """The images one run trains on: steps times the global batch."""
-    return cfg.loop.steps * cfg.data.batch_size * cfg.run.num_workers
+def global_batch(cfg: TrainConfig) -> int:
+    """Images per optimiser step across every worker."""
+    return cfg.data.batch_size * cfg.run.num_workers
 
 
 def assemble(
@@ -290,7 +263,7 @@ def assemble(
     for entry in teacher_eval["results"]:
         entry["baseline"] = entry["points"] == study.cfg.teacher.points
     base = study.search.trial_config({VARIANT_KEY: rows[0]["name"]})
-    images = training_images(base)
+    batch = global_batch(base)
     results = {
         "suite": "digits",
         "metric": study.metric,
@@ -300,9 +273,9 @@ def assemble(
         "floor": teacher_eval["reference"]["split_half_frechet"],
         "floor_name": "Real images (one half against the other)",
         "budget_line": (
-            f"Every row: {base.loop.steps} steps of {images // base.loop.steps} images "
-            f"({images} training images); the teacher: {teacher['curve'][-1]['step']} steps of "
-            f"{training_images(study.teacher_cfg) // study.teacher_cfg.loop.steps}."
+            f"Every row: {base.loop.steps} steps of {batch} images "
+            f"({base.loop.steps * batch} training images); the teacher: "
+            f"{teacher['curve'][-1]['step']} steps of {global_batch(study.teacher_cfg)}."
         ),
         "teacher": {**teacher, "results": teacher_eval["results"]},
         "rows": rows,

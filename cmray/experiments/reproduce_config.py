@@ -134,3 +134,6 @@ class ReproduceConfig:
     def __post_init__(self) -> None:
         if not self.students.rows:
             raise ConfigError("students.rows is empty; give at least one row", key="students.rows")
+        names = [r.name for r in self.students.rows]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"students.rows: names {names} repeat", key="students.rows")

@@ -35,30 +35,23 @@ from cmray.eval.toy import TOY_METRIC, quality_report
 from cmray.experiments.reproduce_config import ReproduceConfig
 from cmray.experiments.reproduce_report import add_ratios
 from cmray.experiments.study import (
+    STUDENTS_RUN,
     converged,
     error_line,
     family_of,
     in_order,
     method_name,
     read_json,
+    rows_search,
     timer,
     write_json,
 )
 from cmray.storage import absolute, write_bytes_atomic
 from cmray.train import toy
 from cmray.train.toy_config import Toy2DConfig
-from cmray.tune.config import (
-    VARIANT_KEY,
-    SchedulerConfig,
-    SearchParam,
-    SearchPlan,
-    SearchRunConfig,
-    TuneConfig,
-    plan_search,
-)
+from cmray.tune.config import VARIANT_KEY, SearchPlan, plan_search
 
 Log = Callable[[str], None]
-STUDENTS_RUN = "students"
 
 
 @dataclass
@@ -82,24 +75,8 @@ def plan_ring(cfg: ReproduceConfig) -> RingStudy:
             "ring: teacher.objective must be edm (ECT and sCM start from its weights)",
             key="ring.set",
         )
-    names = [r.name for r in cfg.students.rows]
-    search = TuneConfig(
-        experiment="toy2d",
-        base=cfg.ring.config,
-        overrides=list(cfg.ring.set),
-        space=[SearchParam(VARIANT_KEY, "grid", names)],
-        variants=list(cfg.students.rows),
-        num_samples=1,
-        seed=cfg.eval.seed,
-        scheduler=SchedulerConfig(enabled=False),
-        run=SearchRunConfig(
-            name=STUDENTS_RUN,
-            storage_path=str(out),
-            max_concurrent_trials=cfg.students.concurrent,
-            max_failures=cfg.students.max_failures,
-        ),
-        tracking=cfg.tracking,
-    )
+    rows = list(cfg.students.rows)
+    search = rows_search(cfg, "toy2d", cfg.ring.config, list(cfg.ring.set), rows, out)
     search.toy.cpus = cfg.ring.cpus
     search.toy.quality_samples = cfg.eval.num_samples
     search.toy.reference_samples = base.eval.reference_samples
@@ -244,10 +221,8 @@ def _teacher_run(
 def row_method(study: RingStudy, name: str) -> str:
     """cd, ct, ict, ect, sct or scd: what a row trains."""
     method = study.search.cfg.trial_settings({VARIANT_KEY: name}).method
-    if method in ("sct", "scd"):
-        return method
     curriculum = study.search.trial_config({VARIANT_KEY: name}).ct.curriculum
-    return method_name(method, curriculum=curriculum if method == "ct" else "")
+    return method_name(method, curriculum=curriculum)
 
 
 def load_row(study: RingStudy, name: str, trial: str, teacher: torch.nn.Module) -> torch.nn.Module:

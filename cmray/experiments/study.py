@@ -10,10 +10,48 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cmray.experiments.reproduce_config import ReproduceConfig
 from cmray.storage import write_bytes_atomic
-from cmray.tune.config import VARIANT_KEY
+from cmray.tune.config import (
+    VARIANT_KEY,
+    SchedulerConfig,
+    SearchParam,
+    SearchRunConfig,
+    TuneConfig,
+    VariantConfig,
+)
 
 Log = Callable[[str], None]
+STUDENTS_RUN = "students"  # the rows' search, under the study's directory
+
+
+def rows_search(
+    cfg: ReproduceConfig,
+    experiment: str,
+    base: str,
+    overrides: list[str],
+    rows: list[VariantConfig],
+    out: Path,
+) -> TuneConfig:
+    """The rows as one grid search over named variants, each drawn once, none stopped early:
+    every row runs to the same budget."""
+    return TuneConfig(
+        experiment=experiment,  # type: ignore[arg-type]
+        base=base,
+        overrides=overrides,
+        space=[SearchParam(VARIANT_KEY, "grid", [r.name for r in rows])],
+        variants=rows,
+        num_samples=1,
+        seed=cfg.eval.seed,
+        scheduler=SchedulerConfig(enabled=False),
+        run=SearchRunConfig(
+            name=STUDENTS_RUN,
+            storage_path=str(out),
+            max_concurrent_trials=cfg.students.concurrent,
+            max_failures=cfg.students.max_failures,
+        ),
+        tracking=cfg.tracking,
+    )
 
 
 def converged(curve: list[dict[str, float]], tolerance: float, metric: str) -> bool | None:
