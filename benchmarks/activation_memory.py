@@ -24,7 +24,7 @@ Activation checkpointing is off, as shipped: its own hooks would hide what it ke
 networks themselves are real, so at LSUN size the script needs about 15 GB of memory and half
 a minute.
 
-The baseline is the estimate behind the shipped ``loop.microbatches: 4``: a pass of 32 images
+The baseline is the estimate behind the shipped ``loop.microbatch: 8``: a pass of 32 images
 holds about 115 GiB of activations. The ratio printed is counted / estimated.
 
 What this does not see, so a GPU's peak is higher: the CUDA caching allocator's rounding and
@@ -53,7 +53,7 @@ from gpu_cd_step import (
 from gpu_cd_step import parse_args as step_args
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from cmray.train.loop import Trainer, build_trainer
+from cmray.train.loop import Trainer, batch_draws, build_trainer
 from cmray.train.step import autocast, stopgrad_net
 
 ESTIMATED_GIB_AT_32 = 115.0  # the estimate the shipped configs' comments cite
@@ -94,7 +94,8 @@ def saved_bytes(trainer: Trainer, batch: int, fake: bool = True) -> dict[str, in
         state, hooks = trainer.state, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
         with hooks, autocast(trainer.cfg.loop.precision, trainer.device):
             target = stopgrad_net(state)  # the EMA target, or ECT's and sCM's online net
-            trainer.objective.loss(state.online, target, x0, state.step, trainer.gen)
+            draws = batch_draws(trainer, batch)
+            trainer.objective.loss(state.online, target, x0, state.step, draws)
     by_dtype: dict[str, int] = {}
     for nbytes, dtype in saved.values():
         by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         if shipped.objective.sources():  # CD's teacher, ECT's and sCM's start
             write_teacher(shipped, work / TEACHER_FILE)
         trainer = build_trainer(make_config(step, work, "off"), torch.device("cpu"))
-    report(trainer, shipped.data.batch_size // shipped.loop.microbatches, args)
+    report(trainer, shipped.loop.microbatch or shipped.worker_batch(), args)
     return 0
 
 

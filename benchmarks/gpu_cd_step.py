@@ -44,8 +44,8 @@ from common import device_name, start, sync
 from cmray.config import apply_overrides, from_dict, read_config_file, to_dict, with_values
 from cmray.nets.unet import UNET_PRESETS
 from cmray.train.config import ObjectiveConfig, TrainConfig
-from cmray.train.loop import Trainer, build_trainer, save_model_file
-from cmray.train.step import train_step
+from cmray.train.loop import Trainer, batch_draws, build_trainer, save_model_file
+from cmray.train.step import microbatch_sizes, train_step
 from cmray.weights import KNOWN_WEIGHTS
 
 DEFAULT_CONFIG = "configs/lsun_bedroom256_cd_lpips.yaml"
@@ -116,7 +116,7 @@ def make_config(args: argparse.Namespace, work: Path, setting: str) -> TrainConf
         "loop.precision": args.precision or data.get("loop", {}).get("precision", "bf16"),
     }
     if setting != "shipped":
-        values |= {"net.use_checkpoint": setting == "on", "loop.microbatches": 1}
+        values |= {"net.use_checkpoint": setting == "on", "loop.microbatch": 0}
     objective = data.get("objective", {})
     if objective.get("metric") == "lpips":
         values["objective.lpips_weights"] = str(work / VGG16_FILE)
@@ -138,7 +138,8 @@ def random_batch(trainer: Trainer, batch: int) -> torch.Tensor:
 
 def one_step(trainer: Trainer, x0: torch.Tensor) -> None:
     cfg = trainer.cfg
-    train_step(trainer.state, trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen)
+    draws = batch_draws(trainer, len(x0))
+    train_step(trainer.state, trainer.objective, x0, cfg.loop, cfg.optim, draws)
 
 
 def time_step(trainer: Trainer, batch: int, repeats: int) -> tuple[float, float]:
@@ -177,7 +178,8 @@ def release(device: torch.device) -> None:
 
 def measure(trainer: Trainer, setting: str, batch: int, flops: float, args) -> Row | None:
     """Time one batch size and print its row; None when it does not fit in memory."""
-    label = f"{setting:>7} batch {batch:3d} ({trainer.cfg.loop.microbatches} pass(es))"
+    passes = len(microbatch_sizes(batch, trainer.cfg.loop.microbatch))
+    label = f"{setting:>7} batch {batch:3d} ({passes} pass(es))"
     try:
         seconds, peak = time_step(trainer, batch, args.repeats)
     except RuntimeError as exc:  # cuBLAS/cuDNN workspace failures are not OutOfMemoryError
@@ -191,9 +193,7 @@ def measure(trainer: Trainer, setting: str, batch: int, flops: float, args) -> R
     rate = batch / seconds
     mfu = flops * rate / (args.peak_tflops * 1e12)
     vs_assumed = rate / assumed_img_per_s(trainer.cfg.objective.kind, args.peak_tflops)
-    row = Row(
-        setting, batch, trainer.cfg.loop.microbatches, rate, seconds * 1e3, peak, mfu, vs_assumed
-    )
+    row = Row(setting, batch, passes, rate, seconds * 1e3, peak, mfu, vs_assumed)
     print(
         f"{label}: {rate:7.1f} img/s {row.ms_per_step:8.1f} ms/step  peak {peak:5.1f} GiB  "
         f"MFU {100 * mfu:5.1f}%  img/s / assumed {vs_assumed:.3f}",
@@ -205,7 +205,7 @@ def measure(trainer: Trainer, setting: str, batch: int, flops: float, args) -> R
 def run_setting(cfg: TrainConfig, setting: str, flops: float, args) -> list[Row]:
     """The shipped batch once, or each sweep batch until one does not fit."""
     trainer = build_trainer(cfg, torch.device(args.device))
-    batches = [cfg.data.batch_size] if setting == "shipped" else args.batches
+    batches = [cfg.worker_batch()] if setting == "shipped" else args.batches
     rows = []
     for batch in batches:
         row = measure(trainer, setting, batch, flops, args)
@@ -217,7 +217,7 @@ def run_setting(cfg: TrainConfig, setting: str, flops: float, args) -> list[Row]
 
 def gpu_hours(cfg: TrainConfig, img_per_s: float) -> float:
     """The config's whole run (steps x global batch) at ``img_per_s`` per GPU."""
-    return cfg.loop.steps * cfg.data.batch_size * cfg.run.num_workers / img_per_s / 3600
+    return cfg.loop.steps * cfg.data.batch_size / img_per_s / 3600
 
 
 def summary(cfg: TrainConfig, rows: list[Row], flops: float, args: argparse.Namespace) -> dict:
@@ -229,7 +229,7 @@ def summary(cfg: TrainConfig, rows: list[Row], flops: float, args: argparse.Name
         fits = [r.batch for r in rows if r.setting == setting]
         if fits:
             print(f"largest batch in one pass, checkpointing {setting}: {max(fits)}")
-    run = f"{cfg.loop.steps:,} steps x {cfg.data.batch_size} x {cfg.run.num_workers} GPUs"
+    run = f"{cfg.loop.steps:,} steps x {cfg.data.batch_size} images on {cfg.run.max_workers} GPUs"
     result: dict[str, Any] = {"assumed_img_per_s": baseline}
     for name, pick in (("shipped", [r for r in rows if r.setting == "shipped"]), ("best", rows)):
         if pick:

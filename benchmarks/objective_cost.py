@@ -36,7 +36,7 @@ from gpu_cd_step import parse_args as step_args
 from cmray.config import from_dict, to_dict
 from cmray.nets.unet import unet_config
 from cmray.train.config import ObjectiveConfig, TrainConfig
-from cmray.train.loop import build_trainer
+from cmray.train.loop import batch_draws, build_trainer
 from cmray.train.step import train_step
 
 # name -> the config keys that make it (the model sources are filled in per run).
@@ -81,9 +81,8 @@ def images_per_s(cfg: TrainConfig, device: torch.device, repeats: int) -> float:
     x0 = x0.contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
-        assert train_step(
-            trainer.state, trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen
-        ).finite
+        draws = batch_draws(trainer, len(x0))
+        assert train_step(trainer.state, trainer.objective, x0, cfg.loop, cfg.optim, draws).finite
 
     step()  # warm-up: allocator, kernels
     tick = time.perf_counter()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 
 
 def ray_init(num_cpus: int | None = None) -> dict[str, float]:
@@ -21,6 +23,21 @@ def ray_init(num_cpus: int | None = None) -> dict[str, float]:
     return ray.cluster_resources()
 
 
+def use_cluster_token() -> bool:
+    """Send the cluster's token when RAY_AUTH_MODE is unset and this machine has one
+    (RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token, which ``ray
+    start`` writes): a default ``ray start`` head requires it of every client. Call before the
+    first Ray client of the process, which reads the mode once."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None:
+        return mode.lower() == "token"
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or path.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        return True
+    return False
+
+
 def announce_local_cluster() -> None:
     """Record this cluster as the machine's current one, as ``ray start`` does.
 
@@ -31,6 +48,15 @@ def announce_local_cluster() -> None:
     run's CPUs and GPUs stay reserved for good.
     """
     import ray
+    from ray._private import utils
     from ray._private.utils import write_ray_address  # what `ray start` calls
 
-    write_ray_address(ray.get_runtime_context().gcs_address)
+    # Replacing the record of an earlier cluster is the point, not news: its INFO line
+    # ("Overwriting previous Ray address") stays out of the log.
+    quiet = logging.getLogger(utils.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        write_ray_address(ray.get_runtime_context().gcs_address)
+    finally:
+        quiet.setLevel(level)

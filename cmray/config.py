@@ -146,8 +146,11 @@ def _check_supported(tp: Any, where: str) -> None:
     origin, args = get_origin(tp), get_args(tp)
     if tp in _SCALAR_COERCERS or origin is Literal or _is_section(tp):
         return
-    if origin in _UNION_ORIGINS and len(args) == 2 and _NONE_TYPE in args:
-        return _check_supported(next(a for a in args if a is not _NONE_TYPE), where)
+    if origin in _UNION_ORIGINS:  # X | None, or alternatives tried in order (int | tuple)
+        for arg in args:
+            if arg is not _NONE_TYPE:
+                _check_supported(arg, where)
+        return
     if origin in (list, tuple) and args and args != ((),):
         for arg in args:
             if arg is not Ellipsis:
@@ -266,15 +269,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _coerce_optional(value: Any, tp: Any, key: str) -> Any:
-    if value is None:
+    args = get_args(tp)
+    if value is None and _NONE_TYPE in args:
         return None
-    inner = next(a for a in get_args(tp) if a is not _NONE_TYPE)
-    try:
-        return _coerce(value, inner, key)
-    except _TypeMismatchError as exc:
-        if exc.key != key:  # a nested element's problem: its own message is the precise one
-            raise
-        raise _mismatch(value, tp, key) from None
+    alternatives = [a for a in args if a is not _NONE_TYPE]
+    for inner in alternatives:
+        try:
+            return _coerce(value, inner, key)
+        except _TypeMismatchError as exc:
+            # A nested element's problem: its own message is the precise one.
+            if exc.key != key and len(alternatives) == 1:
+                raise
+    raise _mismatch(value, tp, key) from None
 
 
 def _coerce_literal(value: Any, tp: Any, key: str) -> Any:
@@ -424,7 +430,8 @@ def _show(value: Any) -> str:
 def _describe(tp: Any) -> str:
     origin, args = get_origin(tp), get_args(tp)
     if origin in _UNION_ORIGINS:
-        return f"{_describe(next(a for a in args if a is not _NONE_TYPE))} or null"
+        named = [_describe(a) for a in args if a is not _NONE_TYPE]
+        return " or ".join(named + (["null"] if _NONE_TYPE in args else []))
     if origin is Literal:
         return "one of: " + ", ".join(_choice_text(a) for a in args)
     if _is_section(tp):

@@ -98,6 +98,9 @@ def submit(
     relative = check_config(kind, config, overrides, working_dir)
     from ray.job_submission import JobSubmissionClient
 
+    from cmray.cluster import use_cluster_token
+
+    use_cluster_token()
     runtime_env: dict[str, Any] = {"working_dir": working_dir, "excludes": EXCLUDES}
     if env:
         runtime_env["env_vars"] = env

@@ -34,7 +34,7 @@ def _local_device(cfg: TrainConfig) -> str:
 def _start_ray(cfg: TrainConfig) -> None:
     from cmray.cluster import ray_init
 
-    ray_init(max(int(cfg.run.num_workers * cfg.run.cpus_per_worker + 0.999), 1))
+    ray_init(max(int(cfg.run.max_workers * cfg.run.cpus_per_worker + 0.999), 1))
 
 
 @exit_on_config_error
@@ -46,18 +46,22 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(TrainConfig, args)  # every mistake surfaces here, before Ray
     start = time.perf_counter()
     if args.local:
-        from cmray.train.loop import run_local
+        from cmray.train.loop import PreemptedError, run_local
         from cmray.train.worker import preflight
 
         preflight(cfg)
         out = Path(cfg.run.storage_path) / cfg.run.name
         device = _local_device(cfg)
-        run_local(
-            cfg,
-            out,
-            log=lambda m: print(f"[{time.perf_counter() - start:7.1f}s] {m}"),
-            device=device,
-        )
+        try:
+            run_local(
+                cfg,
+                out,
+                log=lambda m: print(f"[{time.perf_counter() - start:7.1f}s] {m}"),
+                device=device,
+            )
+        except PreemptedError as stop:
+            print(f"SIGTERM: {stop}; run the same command again to continue", file=sys.stderr)
+            return 128 + 15  # the shell's code for a SIGTERM-ended process
         print(f"checkpoints in {out / 'checkpoints'}")
         return 0
     from cmray.train.worker import absolute_paths, launch, preflight

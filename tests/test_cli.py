@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,20 @@ def test_a_study_is_checked_row_by_row_before_it_is_submitted(suite, tmp_path, m
     with pytest.raises(ConfigError, match=r"space variant = 'A'"):
         check_config("reproduce", config, [bad], str(ROOT))
     assert not (tmp_path / "runs").exists()  # nothing written by the check
+
+
+def test_submit_sends_the_clusters_token_when_the_machine_has_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cmray.cluster import use_cluster_token
+
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.setenv(var, "")  # recorded, so the end of the test restores each
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert not use_cluster_token() and "RAY_AUTH_MODE" not in os.environ  # no token: no auth
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("secret")  # what `ray start` writes
+    assert use_cluster_token() and os.environ["RAY_AUTH_MODE"] == "token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a user's explicit choice stands
+    assert not use_cluster_token() and os.environ["RAY_AUTH_MODE"] == "disabled"

@@ -24,6 +24,7 @@ from cmray.config import ConfigError
 from cmray.data import stream as stream_module
 from cmray.data.config import PrepareConfig, StreamConfig
 from cmray.data.manifest import read_manifest, shard_urls
+from cmray.data.plan import EpochPlan
 from cmray.data.prepare import prepare
 from cmray.data.preprocess import center_crop, encode_image, prepare_image, resize_short_side
 from cmray.data.sources import DigitsSource, FolderSource, LmdbSource, parse_source
@@ -31,7 +32,7 @@ from cmray.data.stream import (
     PrefetchReader,
     RetryingReader,
     ShardStream,
-    rank_shards,
+    stream_shards,
     to_unit_range,
 )
 
@@ -310,6 +311,24 @@ def epoch_keys(cfg: StreamConfig, rank: int, world: int, epoch: int = 0) -> list
     return [batch["key"] for batch in s]
 
 
+def global_batches(cfg: StreamConfig, world: int, epoch: int = 0, start: int = 0) -> list:
+    """Every rank's batches put together: the global batches' keys, checking that the ranks'
+    positions tile each batch and that they agree on its size."""
+    per_rank = []
+    for rank in range(world):
+        s = ShardStream(cfg, rank, world)
+        s.set_epoch(epoch, start)
+        per_rank.append(list(s))
+    batches = []
+    for parts in zip(*per_rank, strict=True):
+        keys = [k for part in parts for k in part["key"]]
+        positions = [int(p) for part in parts for p in part["position"]]
+        assert positions == list(range(len(keys)))
+        assert {part["global_size"] for part in parts} == {len(keys)}
+        batches.append(keys)
+    return batches
+
+
 def test_two_ranks_by_two_loaders_read_every_sample_once(digits32: Path) -> None:
     cfg = stream(digits32, resampled=False)
     per_rank = [list(itertools.chain(*epoch_keys(cfg, rank, 2))) for rank in (0, 1)]
@@ -318,13 +337,58 @@ def test_two_ranks_by_two_loaders_read_every_sample_once(digits32: Path) -> None
     assert set(per_rank[0]).isdisjoint(per_rank[1])
 
 
+@pytest.mark.parametrize("resampled", [False, True])
+def test_the_examples_of_every_step_are_the_same_at_any_world_size(
+    digits32: Path, resampled: bool
+) -> None:
+    """The elastic-training contract: which samples make global batch b, and in what order,
+    depends on neither the rank count nor the loader processes; a resume at batch k on two
+    ranks continues one rank's sequence; an exact epoch still reads every sample once."""
+    cfg = stream(digits32, resampled=resampled, samples_per_epoch=480, num_workers=0)
+    one = global_batches(cfg, 1, epoch=1)
+    assert global_batches(stream(digits32, resampled=resampled, samples_per_epoch=480), 2, 1) == one
+    loaders3 = stream(digits32, resampled=resampled, samples_per_epoch=480, num_workers=3)
+    assert global_batches(loaders3, 3, epoch=1) == one
+    assert global_batches(cfg, 2, epoch=1, start=4) == one[4:]
+    assert global_batches(cfg, 1, epoch=2) != one
+    flat = list(itertools.chain(*one))
+    if resampled:
+        assert [len(b) for b in one] == [16] * (480 // 16)
+    else:
+        assert len(flat) == len(set(flat)) == 1797
+        assert [len(b) for b in one] == [16] * (1797 // 16 - 1) + [16 + 1797 % 16]
+
+
+def test_epoch_plan_tiles_each_batch_and_reads_a_stream_on_one_rank() -> None:
+    plan = EpochPlan.exact([200, 197, 400, 200], batch=64)
+    assert plan.batches == 997 // 64
+    sizes = [plan.size(b) for b in range(plan.batches)]
+    assert sizes == [64] * (plan.batches - 1) + [64 + 997 % 64]  # the last takes what is left
+    for world in (1, 2, 3, 4):
+        for b in range(plan.batches):
+            ranges = [plan.rank_range(b, r, world) for r in range(world)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == plan.size(b)
+            assert all(ranges[i][1] == ranges[i + 1][0] for i in range(world - 1))
+            kept = sum(
+                t.keep_to - t.keep_from for r in range(world) for t in plan.takes(b, r, world)
+            )
+            assert kept == plan.size(b)
+    resampled = EpochPlan.resampled(streams=8, batch=64, samples_per_epoch=6400)
+    assert resampled.batches == 100 and {resampled.size(b) for b in range(100)} == {64}
+    # V a multiple of the world size: each rank reads its own V / W streams, no stream twice.
+    for world in (1, 2, 4, 8):
+        streams = [resampled.rank_streams(r, world) for r in range(world)]
+        assert sorted(itertools.chain(*streams)) == list(range(8))
+
+
 def test_resampled_ranks_yield_equal_batch_counts(digits32: Path) -> None:
     cfg = stream(digits32, resampled=True, samples_per_epoch=1000, num_workers=3)
-    counts = [len(epoch_keys(cfg, rank, 2)) for rank in (0, 1)]
-    assert counts == [1000 // (2 * 16)] * 2 == [len(ShardStream(cfg, 0, 2))] * 2
+    shares = [[len(keys) for keys in epoch_keys(cfg, rank, 2)] for rank in (0, 1)]
+    assert [len(s) for s in shares] == [1000 // 16] * 2 == [len(ShardStream(cfg, 0, 2))] * 2
+    assert set(shares[0]) == set(shares[1]) == {8}  # half of each global batch of 16
 
 
-def test_order_is_a_function_of_seed_rank_and_epoch(digits32: Path) -> None:
+def test_order_is_a_function_of_seed_and_epoch(digits32: Path) -> None:
     cfg = stream(digits32, resampled=False)
     first = epoch_keys(cfg, 0, 2, epoch=3)
     assert epoch_keys(cfg, 0, 2, epoch=3) == first
@@ -378,15 +442,15 @@ def test_corrupt_images_and_truncated_shards_are_skipped_and_counted(
     assert s.stats["samples"] == len(keys)
 
 
-def test_too_few_shards_for_the_loaders_is_a_clear_error(digits32: Path) -> None:
-    with pytest.raises(ValueError, match="9 shards cannot feed 4 ranks x 3 loader processes"):
-        ShardStream(stream(digits32, resampled=False, num_workers=3), 0, 4)
-    assert len(ShardStream(stream(digits32, resampled=True, num_workers=3), 0, 4)) > 0
+def test_too_few_shards_for_the_streams_is_a_clear_error(digits32: Path) -> None:
+    with pytest.raises(ValueError, match=r"9 shards cannot feed data\.streams = 12"):
+        ShardStream(stream(digits32, resampled=False, streams=12), 0, 4)
+    assert len(ShardStream(stream(digits32, resampled=True, streams=12), 0, 4)) > 0
 
 
-def test_rank_shards_partition_the_permutation() -> None:
+def test_stream_shards_partition_the_permutation() -> None:
     urls = [f"s{i}" for i in range(10)]
-    parts = [rank_shards(urls, r, 2, w, 2, epoch=1, seed=0) for r in range(2) for w in range(2)]
+    parts = [stream_shards(urls, v, 4, epoch=1, seed=0) for v in range(4)]
     assert sorted(itertools.chain(*parts)) == sorted(urls)
     assert min(len(p) for p in parts) >= 2
 

@@ -116,9 +116,13 @@ def test_tune_runs_as_a_ray_job(ray_head: str, tmp_path: Path) -> None:
 
 
 def _cmray(*args: str) -> subprocess.CompletedProcess:
+    """``cmray`` as a user runs it: RAY_AUTH_MODE unset, so ``cmray submit`` must find the
+    token that ``ray start`` wrote and send it itself."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
     return subprocess.run(
         [sys.executable, "-m", "cmray.cli", *args],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,

@@ -295,24 +295,25 @@ def test_the_student_starts_from_the_diffusion_model_and_keeps_no_target(
 def test_bf16_microbatches_step_and_the_nan_guard_skips(
     digits16: str, edm_file: str, name: str
 ) -> None:
-    from cmray.train.loop import build_trainer
+    from cmray.train.loop import batch_draws, build_trainer
     from cmray.train.step import NonFiniteLossError, train_step
 
     torch.set_num_threads(1)
     cfg = successor_config(
-        digits16, edm_file, name, precision="bf16", microbatches=2, nonfinite_limit=2
+        digits16, edm_file, name, precision="bf16", microbatch=4, nonfinite_limit=2
     )
     trainer = build_trainer(cfg, torch.device("cpu"))
     state = trainer.state
     x0 = torch.rand(8, 3, 16, 16) * 2 - 1
-    result = train_step(state, trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen)
+    draws = batch_draws(trainer, len(x0))
+    result = train_step(state, trainer.objective, x0, cfg.loop, cfg.optim, draws)
     assert result.finite and result.grad_norm > 0 and state.step == 1
     before = {k: v.clone() for k, v in state.online.state_dict().items()}
     nan = torch.full_like(x0, float("nan"))
-    assert not train_step(state, trainer.objective, nan, cfg.loop, cfg.optim, trainer.gen).finite
+    assert not train_step(state, trainer.objective, nan, cfg.loop, cfg.optim, draws).finite
     assert all(torch.equal(before[k], v) for k, v in state.online.state_dict().items())
     with pytest.raises(NonFiniteLossError):
-        train_step(state, trainer.objective, nan, cfg.loop, cfg.optim, trainer.gen)
+        train_step(state, trainer.objective, nan, cfg.loop, cfg.optim, draws)
 
 
 def test_a_missing_init_is_a_config_error_naming_the_key(digits16: str, tmp_path: Path) -> None:
@@ -373,7 +374,7 @@ def _ddp_rank(rank: int, world: int, port: int, configs: dict, out: str) -> None
 
     from cmray.config import from_dict
     from cmray.train.config import TrainConfig
-    from cmray.train.loop import build_trainer
+    from cmray.train.loop import batch_draws, build_trainer
     from cmray.train.state import unwrap
     from cmray.train.step import train_step
 
@@ -386,7 +387,7 @@ def _ddp_rank(rank: int, world: int, port: int, configs: dict, out: str) -> None
         trainer = build_trainer(cfg, torch.device("cpu"), rank, world, wrap=DistributedDataParallel)
         x0 = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(rank)) * 2 - 1
         for _ in range(2):
-            args = (trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen)
+            args = (trainer.objective, x0, cfg.loop, cfg.optim, batch_draws(trainer, len(x0)))
             assert train_step(trainer.state, *args).finite
         torch.save(unwrap(trainer.state.online).state_dict(), Path(out) / f"{name}-{rank}.pt")
     dist.destroy_process_group()

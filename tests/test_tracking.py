@@ -47,6 +47,13 @@ def test_run_has_params_metrics_grids_and_config(tracked_run) -> None:
     assert [m.step for m in history] == [1, 2, 3, 4]
     for key in ("N", "mu", "lr", "images_per_s"):
         assert key in run.data.metrics
+    worlds = client.get_metric_history(run.info.run_id, "world_size")
+    batches = client.get_metric_history(run.info.run_id, "global_batch")
+    assert [m.step for m in worlds] == [1, 2, 3, 4] and {m.value for m in worlds} == {1.0}
+    assert {m.value for m in batches} == {8.0}  # the config's global batch, every step
+    # MLflow 3's UI opens the experiment as model training, not as a GenAI app.
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts and "images" in artifacts
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from cmray.config import ConfigError, from_dict
 from cmray.models import load_model
 from cmray.train import state as ckpt
 from cmray.train.config import TrainConfig
-from cmray.train.loop import build_trainer, run_local, sample_grid, save_model_file
+from cmray.train.loop import batch_draws, build_trainer, run_local, sample_grid, save_model_file
+from cmray.train.objectives import SampleDraws
 from cmray.train.step import NonFiniteLossError, train_step
 
 
@@ -132,19 +134,19 @@ def test_a_checkpoint_without_its_markers_is_never_loaded(digits16: str, tmp_pat
     shutil.rmtree(root)
 
 
-def test_a_generator_saved_on_another_device_type_is_reseeded(
-    digits16: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_microbatches_and_ranks_see_the_same_noise(digits16: str) -> None:
+    """Each sample's noise and noise level come from (seed, step, its place in the global
+    batch): the same whether the rank holds the whole batch or a part, in one pass or two."""
     trainer = build_trainer(tiny_config(digits16), torch.device("cpu"))
-    gens = trainer.state.generators
-    saved = trainer.state.rank_state()
-    saved["generators"]["noise"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's size
-    fresh_noise = gens["noise"].get_state()
-    torch.rand(3, generator=gens["index"])  # moved on, so restoring it shows
-    trainer.state.load_rank(saved)
-    assert torch.equal(gens["index"].get_state(), saved["generators"]["index"])
-    assert torch.equal(gens["noise"].get_state(), fresh_noise)
-    assert "'noise' was saved on another device type" in caplog.text
+    x0 = torch.zeros(8, 3, 16, 16)
+    whole = batch_draws(trainer, 8)
+    halves = SampleDraws(0, 0, [4, 5, 6, 7]).split([2, 2])
+    torch.testing.assert_close(torch.cat([h.z(x0[:2]) for h in halves]), whole.z(x0)[4:])
+    draw = functools.partial(torch.randint, 0, 1000, dtype=torch.long)
+    assert whole.indices(lambda n, g: draw((n,), generator=g), 8)[4:].tolist() == [
+        i for h in halves for i in h.indices(lambda n, g: draw((n,), generator=g), 2).tolist()
+    ]
+    assert not torch.equal(SampleDraws(0, 1, [4]).z(x0[:1]), whole.z(x0)[4:5])  # the next step
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])  # fp16: a NaN loss is no scale backoff
@@ -155,12 +157,14 @@ def test_nonfinite_steps_change_nothing_and_stop_the_run(digits16: str, precisio
     before = copy.deepcopy(state.online.state_dict())
     x0 = torch.full((8, 3, 16, 16), float("nan"))
     for _ in range(2):
-        result = train_step(state, trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen)
+        result = train_step(
+            state, trainer.objective, x0, cfg.loop, cfg.optim, batch_draws(trainer, len(x0))
+        )
         assert not result.finite
     assert state.skipped_steps == 2
     assert all(torch.equal(before[k], v) for k, v in state.online.state_dict().items())
     with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
-        train_step(state, trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen)
+        train_step(state, trainer.objective, x0, cfg.loop, cfg.optim, batch_draws(trainer, len(x0)))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -169,7 +173,9 @@ def test_mixed_precision_steps_are_finite_and_learn(digits16: str, precision: st
     trainer = build_trainer(cfg, torch.device("cpu"))
     x0 = torch.rand(8, 3, 16, 16) * 2 - 1
     results = [
-        train_step(trainer.state, trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen)
+        train_step(
+            trainer.state, trainer.objective, x0, cfg.loop, cfg.optim, batch_draws(trainer, len(x0))
+        )
         for _ in range(3)
     ]
     assert all(r.finite for r in results) and trainer.state.step == 3
@@ -184,7 +190,7 @@ def test_fp16_loss_scale_backoff_is_not_a_failure(digits16: str) -> None:
     state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60, backoff_factor=2.0**-6)
     x0 = torch.rand(8, 3, 16, 16) * 2 - 1
     results = [
-        train_step(state, trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen)
+        train_step(state, trainer.objective, x0, cfg.loop, cfg.optim, batch_draws(trainer, len(x0)))
         for _ in range(14)
     ]
     overflows = sum(not r.finite for r in results)
@@ -192,12 +198,20 @@ def test_fp16_loss_scale_backoff_is_not_a_failure(digits16: str) -> None:
     assert results[-1].finite and state.scaler.get_scale() < 2.0**60
 
 
-def test_microbatches_accumulate_into_one_step(digits16: str) -> None:
-    cfg = tiny_config(digits16, microbatches=4)
-    trainer = build_trainer(cfg, torch.device("cpu"))
-    x0 = torch.rand(8, 3, 16, 16) * 2 - 1
-    result = train_step(trainer.state, trainer.objective, x0, cfg.loop, cfg.optim, trainer.gen)
-    assert result.finite and trainer.state.step == 1
+def test_microbatches_accumulate_into_the_same_step(digits16: str) -> None:
+    """Passes of 3, 3 and 2 images give the step one pass of 8 gives (to rounding)."""
+    results = []
+    for microbatch in (0, 3):
+        cfg = tiny_config(digits16, microbatch=microbatch)
+        cfg.net.dropout = 0.0
+        trainer = build_trainer(cfg, torch.device("cpu"))
+        x0 = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        draws = batch_draws(trainer, len(x0))
+        result = train_step(trainer.state, trainer.objective, x0, cfg.loop, cfg.optim, draws)
+        results.append((result, trainer.state.online.state_dict()))
+    (one, a), (three, b) = results
+    assert one.finite and three.finite and one.loss == pytest.approx(three.loss, rel=1e-5)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
 
 
 def test_cd_distils_from_an_edm_teacher_trained_here(digits16: str, tmp_path: Path) -> None:

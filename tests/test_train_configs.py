@@ -55,7 +55,7 @@ def test_lsun_configs_carry_the_reference_settings() -> None:
     )
     assert cd.objective.init == cd.objective.cd.teacher  # as the paper's code starts CD
     for cfg in (cd, ct):
-        assert cfg.data.batch_size * cfg.run.num_workers == 256  # the reference global batch
+        assert cfg.data.batch_size == 256  # the reference global batch
         assert cfg.net.channel_mult == [1, 1, 2, 2, 4, 4] and cfg.objective.metric == "lpips"
 
 
@@ -70,7 +70,7 @@ def test_lsun_successor_configs_start_from_the_released_teacher() -> None:
     lsun = load_config(TrainConfig, ROOT / "configs" / "lsun_bedroom256_edm.yaml")
     for cfg in (ect, scd):  # the released teacher's network, so its weights load
         assert cfg.net.channel_mult == lsun.net.channel_mult and cfg.net.resolution == 256
-        assert cfg.data.batch_size * cfg.run.num_workers == 256
+        assert cfg.data.batch_size == 256  # the global batch
 
 
 @pytest.mark.parametrize(
@@ -78,7 +78,8 @@ def test_lsun_successor_configs_start_from_the_released_teacher() -> None:
     [
         ("data.manifest=/no/such/data/manifest.json", "no manifest at /no/such/data"),
         ("net.resolution=32", "net.resolution = 32 but the data is 16x16"),
-        ("loop.microbatches=5", "does not split into loop.microbatches = 5"),
+        ("data.batch_size=1", "data.batch_size = 1 is the global batch; it leaves some of"),
+        ("run.num_workers=[3,2]", "run.num_workers = [3, 2]: min must not exceed max"),
         ("objective.kind=cd", "objective.cd.teacher is empty"),
     ],
 )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from cmray.train import state as ckpt
 from cmray.train.worker import FAULT_ONCE_ENV, FAULT_STEP_ENV, SAMPLE_FILE, launch
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -55,3 +59,51 @@ def test_two_workers_survive_a_kill_and_resume_by_name(
     again = launch(cfg)
     assert again.metrics["step"] == 10
     assert again.metrics["data_samples"] == 2 * cfg.data.batch_size  # only steps 9 and 10 read
+
+
+def test_a_drained_node_loses_no_step_and_an_elastic_run_shrinks_and_grows_back(
+    digits16: str, tmp_path: Path
+) -> None:
+    """benchmarks/preemption.py on its own multi-node Ray (this process is the session Ray's
+    driver): a node of one rank is drained with a deadline through Ray's drain call, then
+    reclaimed. Fixed at two workers with a spare node, the run checkpoints on the notice and
+    restarts there: every step trained once, the weights those of a run never interrupted (two
+    DDP ranks over gloo, the same reduction), bit for bit. Elastic over [1, 2] with no spare, it
+    goes on with one worker and the same global batch, and grows back to two when a node joins:
+    each step's loss that of the uninterrupted run, to reduction order."""
+    from test_elastic import LOSS_RTOL, WEIGHT_ATOL, run
+
+    out = tmp_path / "drill.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "preemption.py")]
+    command += ["--manifest", f"{digits16}/manifest.json", "--scenarios", "notice,elastic"]
+    command += ["--steps", "12", "--checkpoint-every", "4", "--drain-at", "3"]
+    command += ["--deadline", "8", "--grow-after", "2", "--json", str(out)]
+    command += ["--set", "net.model_channels=16", "--set", "net.num_head_channels=16"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    drill = json.loads(out.read_text())
+
+    notice, elastic = drill["notice"], drill["elastic"]
+    steps = [e["step"] for e in notice["log"]]
+    assert steps == list(range(1, 13)) and notice["steps_lost"] == 0
+    (saved,) = [e for e in notice["log"] if e["preempted"]]
+    assert saved["checkpoint"]  # the notice's step went to storage before the restart
+    after = [e for e in notice["log"] if e["step"] > saved["step"]]
+    assert {e["start_step"] for e in after} == {saved["step"]}  # resumed there, not earlier
+    with open(Path(notice["checkpoint"]) / ckpt.STATE_FILE, "rb") as fh:
+        state = torch.load(fh, weights_only=True)
+    reference = run(2, state["config"], tmp_path / "reference", steps=12)
+    assert all(torch.equal(state["online"][k], v) for k, v in reference["weights"].items())
+
+    worlds = [e["world_size"] for e in elastic["log"]]
+    assert [w for i, w in enumerate(worlds) if i == 0 or w != worlds[i - 1]] == [2, 1, 2]
+    assert {e["global_batch"] for e in elastic["log"]} == {64}
+    assert elastic["steps_lost"] == 0 and elastic["log"][-1]["step"] == 12
+    for entry in elastic["log"]:
+        expected = reference["losses"][entry["step"]]
+        assert entry["loss"] == pytest.approx(expected, rel=LOSS_RTOL), entry
+    with open(Path(elastic["checkpoint"]) / ckpt.STATE_FILE, "rb") as fh:
+        grown = torch.load(fh, weights_only=True)["online"]
+    for key, value in reference["weights"].items():
+        torch.testing.assert_close(grown[key], value, rtol=0, atol=WEIGHT_ATOL)

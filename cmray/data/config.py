@@ -50,7 +50,9 @@ class StreamConfig:
     """How a training worker reads shards: split, shuffled, flipped, in equal batches."""
 
     manifest: str = param("", help="URL of the dataset's manifest.json")
-    batch_size: int = param(32, help="images per batch on each rank", ge=1)
+    batch_size: int = param(
+        32, help="images per global batch, over all ranks (each rank takes its share)", ge=1
+    )
     num_workers: int = param(2, help="DataLoader processes per rank (0: read in-process)", ge=0)
     shuffle_buffer: int = param(
         1000, help="samples held for shuffling in each loader process", ge=1
@@ -62,5 +64,12 @@ class StreamConfig:
         0, help="resampled epoch length in samples over all ranks (0: the dataset size)", ge=0
     )
     flip: bool = param(True, help="random horizontal flip")
-    seed: int = param(0, help="with rank and epoch, fixes shard order, shuffle and flips")
+    streams: int = param(
+        0,
+        help="V, the epoch's shard streams; with the batch size they fix which examples each "
+        "step sees at any worker count (0: 8, or the shard count if fewer and not resampled; "
+        "a multiple of the worker counts reads no stream twice)",
+        ge=0,
+    )
+    seed: int = param(0, help="with the epoch, fixes shard order, shuffle and flips")
     retries: int = param(5, help="retries of a transient storage error before giving up", ge=0)

@@ -1,20 +1,24 @@
-"""Shards -> batches for one training rank: split, shuffled, flipped, scaled, equal in number.
+"""Shards -> batches for one training rank: its share of every global batch, whatever the
+number of ranks.
 
 Follow one epoch on rank r of W with L loader processes:
-1. ``rank_shards``: non-resampled, a seeded permutation of the shards (the same on every rank),
-   then every W-th from r, then every L-th from the loader id, so each shard is read once per
-   epoch; resampled, each loader draws shards with replacement from its own seeded stream.
+1. The epoch is ``V`` streams (``cmray.data.plan``): non-resampled, stream v reads every V-th
+   shard of a seeded permutation, so each shard is read once per epoch; resampled, stream v
+   draws shards with replacement from its own seeded sequence. Global batch b takes a fixed
+   number of samples from every stream; rank r keeps one contiguous range of its positions and
+   reads only the streams that feed it, split among its L loader processes.
 2. Each shard is opened through webdataset's ``gopen``; ``register_fsspec_opener`` routes every
    fsspec protocol (``s3://``, ``gs://``, ...) there through ``RetryingReader`` (reopens at
    the offset after a transient error) and ``PrefetchReader`` (reads ahead in a thread); the
    next shard is opened while the current one is read.
-3. Samples pass a shuffle buffer, are decoded (a failure is skipped and counted), flipped, and
-   batched as uint8; each batch is moved to the training device and scaled to [-1, 1] there.
-4. Resampled mode yields exactly ``batches_per_epoch`` batches on every rank, so DDP never
-   waits on a rank that ran out of data.
+3. Samples pass their stream's shuffle buffer; the rank's are decoded (a failure is skipped
+   and counted), flipped, and batched as uint8, the others passed over undecoded; each batch
+   is moved to the training device and scaled to [-1, 1] there.
+4. Every rank yields the same number of batches, so DDP never waits on a rank out of data.
 
-Every random choice uses ``random.Random(f"{seed}/{rank}/{epoch}/{loader}/{purpose}")``, so the
-stream is a function of (seed, rank, epoch) and the loader count.
+Every random choice uses ``random.Random(f"{seed}/{epoch}/{stream}/{purpose}")``, so the
+sequence of examples is a function of (seed, epoch, V, batch size): not of the rank count, nor
+of the loader count.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from webdataset import tariterators
 
 from cmray.data.config import StreamConfig
 from cmray.data.manifest import Manifest, manifest_url, read_manifest, shard_urls
+from cmray.data.plan import EpochPlan
 from cmray.data.preprocess import open_image
 from cmray.storage import url_to_fs
 
@@ -210,18 +215,16 @@ register_fsspec_opener()
 # --------------------------------------------------------------------------- shard assignment
 
 
-def seeded_rng(seed: int, rank: int, epoch: int, loader: int, purpose: str) -> random.Random:
+def stream_rng(seed: int, epoch: int, stream: int, purpose: str) -> random.Random:
     # A str seed is hashed with SHA-512 by ``random``, so it is stable across processes.
-    return random.Random(f"{seed}/{rank}/{epoch}/{loader}/{purpose}")
+    return random.Random(f"{seed}/{epoch}/{stream}/{purpose}")
 
 
-def rank_shards(
-    urls: list[str], rank: int, world: int, loader: int, loaders: int, epoch: int, seed: int
-) -> list[str]:
-    """This (rank, loader)'s shards for one non-resampled epoch: disjoint, together all."""
+def stream_shards(urls: list[str], stream: int, streams: int, epoch: int, seed: int) -> list[str]:
+    """Stream ``stream``'s shards for one non-resampled epoch: disjoint, together all."""
     order = list(urls)
-    random.Random(f"{seed}/{epoch}/shards").shuffle(order)  # same permutation on every rank
-    return order[rank::world][loader::loaders]
+    random.Random(f"{seed}/{epoch}/shards").shuffle(order)  # one permutation per epoch
+    return order[stream::streams]
 
 
 def resampled_shards(urls: list[str], rng: random.Random) -> Iterator[str]:
@@ -229,13 +232,19 @@ def resampled_shards(urls: list[str], rng: random.Random) -> Iterator[str]:
         yield rng.choice(urls)
 
 
-def check_enough_shards(shards: int, world: int, loaders: int, resampled: bool) -> None:
-    """Non-resampled reading needs a shard for every (rank, loader); resampling does not."""
-    if not resampled and shards < world * loaders:
+def stream_count(cfg: StreamConfig, shards: int) -> int:
+    """V, the epoch's streams: ``data.streams``, or by default 8 (at most one per shard when
+    not resampled: each stream needs a shard of its own)."""
+    return cfg.streams or (8 if cfg.resampled else min(8, shards))
+
+
+def check_enough_shards(shards: int, streams: int, resampled: bool) -> None:
+    """Non-resampled reading needs a shard for every stream; resampling does not."""
+    if not resampled and shards < streams:
         raise ValueError(
-            f"{shards} shards cannot feed {world} ranks x {loaders} loader processes without "
-            "idling some; set data.resampled=true, lower data.num_workers, or write more, "
-            "smaller shards (--shard-count)"
+            f"{shards} shards cannot feed data.streams = {streams} without leaving some "
+            f"empty; set data.streams <= {shards}, data.resampled=true, or write more, smaller "
+            "shards (--shard-count)"
         )
 
 
@@ -245,11 +254,15 @@ def check_enough_shards(shards: int, world: int, loaders: int, resampled: bool) 
 class _Counters:
     """Per-loader fault counts; they travel to the main process with each batch."""
 
-    def __init__(self) -> None:
-        self.counts = dict.fromkeys(
-            ("samples", "decode_errors", "shard_errors", "short_shards", "retries"), 0
-        )
+    def __init__(self, counts: dict[str, int] | None = None) -> None:
+        kinds = ("samples", "decode_errors", "shard_errors", "short_shards", "retries")
+        self.counts = counts if counts is not None else dict.fromkeys(kinds, 0)
         self.in_shard = 0
+
+    def for_stream(self) -> _Counters:
+        """Counters adding to the same totals, with their own place in their own shard: a
+        loader reads several streams at once."""
+        return _Counters(self.counts)
 
     def skip(self, kind: str, exc: BaseException) -> bool:
         self.counts[kind] += 1
@@ -375,92 +388,89 @@ def to_unit_range(x: torch.Tensor) -> torch.Tensor:
 
 
 class ShardDataset(IterableDataset):
-    """The batches of one (rank, epoch); each DataLoader process takes its own share."""
+    """One rank's share of the batches of one epoch (``plan``), from batch ``start`` on.
+
+    Each DataLoader process reads some of the rank's streams and yields one item per batch:
+    its samples of that batch with their positions, which the rank puts together in order.
+    """
 
     def __init__(
         self,
         cfg: StreamConfig,
         manifest: Manifest,
         urls: list[str],
+        plan: EpochPlan,
         rank: int,
         world: int,
         epoch: int,
-        batches: int | None,
-        skip: int = 0,
+        start: int = 0,
     ) -> None:
         super().__init__()
-        self.cfg, self.manifest, self.urls = cfg, manifest, urls
+        self.cfg, self.manifest, self.urls, self.plan = cfg, manifest, urls, plan
         self.expected = {url: s.count for url, s in zip(urls, manifest.shards, strict=True)}
-        self.rank, self.world, self.epoch, self.batches = rank, world, epoch, batches
-        self.skip = skip
-
-    def _loader_batches(self, loader: int, loaders: int) -> int | None:
-        if self.batches is None:
-            return None
-        return self.batches // loaders + (loader < self.batches % loaders)
+        self.rank, self.world, self.epoch, self.start = rank, world, epoch, start
+        self.streams = plan.rank_streams(rank, world, start)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, loaders = (info.id, info.num_workers) if info is not None else (0, 1)
-        # The DataLoader takes batches from its processes in turn, starting with process 0.
-        # Resuming after ``skip`` batches, process 0 must play the loader whose turn is next.
-        loader = (worker + self.skip) % loaders
+        loader, loaders = (info.id, info.num_workers) if info is not None else (0, 1)
         counters = _Counters()
-        for batch in self._batches(loader, loaders, counters):
+        for batch in self._batches(self.streams[loader::loaders], counters):
             yield dict(batch, stats=(loader, dict(counters.counts)))
         yield {"stats": (loader, dict(counters.counts))}  # counts seen after the last batch
 
-    def _shard_iter(self, loader: int, loaders: int) -> Iterator[str]:
-        cfg, rng = self.cfg, seeded_rng(self.cfg.seed, self.rank, self.epoch, loader, "shards")
+    def _shard_iter(self, stream: int) -> Iterator[str]:
+        cfg, streams = self.cfg, self.plan.streams
         if cfg.resampled:
+            rng = stream_rng(cfg.seed, self.epoch, stream, "shards")
             # Bounded, so a dataset of nothing but broken shards ends in an error, not a hang.
             per_shard = max(1, self.manifest.count // len(self.urls))
-            bound = 10 * (self._loader_batches(loader, loaders) or 0) * cfg.batch_size // per_shard
-            return itertools.islice(resampled_shards(self.urls, rng), bound + 10 * len(self.urls))
-        args = (self.rank, self.world, loader, loaders, self.epoch, cfg.seed)
-        return iter(rank_shards(self.urls, *args))
+            need = self.plan.taken(stream, self.plan.batches) // per_shard
+            return itertools.islice(resampled_shards(self.urls, rng), 10 * need + 10 * streams)
+        return iter(stream_shards(self.urls, stream, streams, self.epoch, cfg.seed))
 
-    def _batches(self, loader: int, loaders: int, counters: _Counters) -> Iterator[dict]:
-        cfg, m = self.cfg, self.manifest
-        want = self._loader_batches(loader, loaders)
-        if want == 0:
-            return
+    def _samples(self, stream: int, counters: _Counters) -> Iterator[tuple[dict, bool]]:
+        """Stream ``stream``'s samples in order, each with its flip, from its first."""
+        cfg, counters = self.cfg, counters.for_stream()
         samples = wds.filters._shuffle(
-            _raw_samples(self._shard_iter(loader, loaders), self.expected, counters, cfg.retries),
+            _raw_samples(self._shard_iter(stream), self.expected, counters, cfg.retries),
             bufsize=cfg.shuffle_buffer,
             initial=cfg.shuffle_buffer,
-            rng=seeded_rng(cfg.seed, self.rank, self.epoch, loader, "shuffle"),
+            rng=stream_rng(cfg.seed, self.epoch, stream, "shuffle"),
         )
-        flips = seeded_rng(cfg.seed, self.rank, self.epoch, loader, "flip")
-        pixels, labels, keys, made = [], [], [], 0
-        skip = self.skip // loaders + (loader < self.skip % loaders)
+        flips = stream_rng(cfg.seed, self.epoch, stream, "flip")
         for sample in samples:
-            try:
-                flip = cfg.flip and flips.random() < 0.5
-                if made < skip:  # resuming: pass over delivered batches without decoding them
-                    if m.extension not in sample:
-                        raise ValueError(f"sample {sample['__key__']} has no .{m.extension}")
-                    pixels.append(None)
-                    if len(pixels) == cfg.batch_size:
-                        pixels, made = [], made + 1
+            yield sample, cfg.flip and flips.random() < 0.5
+
+    def _batches(self, streams: list[int], counters: _Counters) -> Iterator[dict]:
+        plan, m = self.plan, self.manifest
+        readers = {v: self._samples(v, counters) for v in streams}
+        for v in streams:  # resuming: pass over delivered samples without decoding them
+            for _ in itertools.islice(readers[v], plan.taken(v, self.start)):
+                pass
+        for b in range(self.start, plan.batches):
+            pixels, labels, keys, positions = [], [], [], []
+            for take in plan.takes(b, self.rank, self.world):
+                if take.stream not in readers:
                     continue
-                x, y = decode_sample(sample, m.extension, m.resolution, flip)
-            except Exception as exc:  # any undecodable sample is skipped
-                counters.skip("decode_errors", exc)
-                continue
-            counters.counts["samples"] += 1
-            pixels.append(x)
-            labels.append(y)
-            keys.append(sample["__key__"])
-            if len(pixels) == cfg.batch_size:
-                yield collate(pixels, labels, keys)
-                pixels, labels, keys, made = [], [], [], made + 1
-                if made == want:
-                    return
-        if want is not None:
-            raise RuntimeError(f"rank {self.rank} loader {loader} ran out of samples")
-        if pixels:  # non-resampled: the last, partial batch, so every sample is seen once
-            yield collate(pixels, labels, keys)
+                got = list(itertools.islice(readers[take.stream], take.count))
+                if len(got) < take.count and self.cfg.resampled:
+                    raise RuntimeError(f"stream {take.stream} of epoch {self.epoch} ran out")
+                for index, (sample, flip) in enumerate(got, start=take.first):
+                    if not take.keep_from <= index < take.keep_to:
+                        continue
+                    try:
+                        x, y = decode_sample(sample, m.extension, m.resolution, flip)
+                    except Exception as exc:  # any undecodable sample is skipped
+                        counters.skip("decode_errors", exc)
+                        continue
+                    counters.counts["samples"] += 1
+                    pixels.append(x)
+                    labels.append(y)
+                    keys.append(sample["__key__"])
+                    positions.append(take.position + index - take.keep_from)
+            part = collate(pixels, labels, keys) if pixels else {"key": []}
+            yield {**part, "position": torch.tensor(positions, dtype=torch.long)}
 
 
 def shard_batches(
@@ -500,16 +510,30 @@ def shard_batches(
 # ------------------------------------------------------------------------------ one rank
 
 
-def batches_per_epoch(samples: int, world: int, batch_size: int) -> int:
-    """Resampled epoch length per rank: whole batches only, the same on every rank."""
-    return samples // (world * batch_size)
+def merge_parts(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The loaders' parts of one batch as one batch in position order (None: all empty)."""
+    parts = [p for p in parts if len(p["position"])]
+    if not parts:
+        return None
+    position = torch.cat([p["position"] for p in parts])
+    order = position.argsort(stable=True)
+    keys = [k for p in parts for k in p["key"]]
+    image = torch.cat([p["image"] for p in parts])[order]
+    return {
+        "image": image.contiguous(memory_format=torch.channels_last),
+        "label": torch.cat([p["label"] for p in parts])[order],
+        "key": [keys[i] for i in order.tolist()],
+        "position": position[order],
+    }
 
 
 class ShardStream:
     """Training batches for one rank; ``set_epoch(e)`` then iterate, once per epoch.
 
-    Each batch is ``{"image": float32 [B, 3, R, R] in [-1, 1] on device (channels_last),
-    "label": int64 [B] (-1 without classes), "key": list of sample keys}``.
+    Each batch is ``{"image": float32 [n, 3, R, R] in [-1, 1] on device (channels_last),
+    "label": int64 [n] (-1 without classes), "key": list of sample keys, "position": int64 [n]
+    (the samples' places in the global batch), "global_size": the global batch's count}``:
+    this rank's share of global batch b of the epoch's :class:`EpochPlan`.
 
     ``stats`` totals what the loaders skipped or retried (over all epochs so far), so a run can
     report a bad shard instead of silently training on less data.
@@ -528,38 +552,56 @@ class ShardStream:
         self.device = torch.device(device)
         self.manifest = read_manifest(cfg.manifest)
         self.urls = shard_urls(self.manifest, manifest_url(cfg.manifest))
-        check_enough_shards(len(self.urls), world_size, max(1, cfg.num_workers), cfg.resampled)
-        self.batches: int | None = None
-        if cfg.resampled:
+        self.streams = stream_count(cfg, len(self.urls))
+        check_enough_shards(len(self.urls), self.streams, cfg.resampled)
+        self.plan = self._plan(0)
+        if self.plan.size(0) < world_size:
+            raise ValueError(
+                f"a global batch of {self.plan.size(0)} samples leaves some of {world_size} "
+                "ranks without any; raise data.batch_size"
+            )
+        if cfg.resampled and self.plan.batches == 0:
             samples = cfg.samples_per_epoch or self.manifest.count
-            self.batches = batches_per_epoch(samples, world_size, cfg.batch_size)
-            if self.batches == 0:
-                raise ValueError(
-                    f"an epoch of {samples} samples gives no batch of "
-                    f"{cfg.batch_size} on each of {world_size} ranks; lower "
-                    "data.batch_size or raise data.samples_per_epoch"
-                )
+            raise ValueError(
+                f"an epoch of {samples} samples gives no global batch of {cfg.batch_size}; "
+                "lower data.batch_size or raise data.samples_per_epoch"
+            )
+        if self.streams % world_size and rank == 0:
+            log.info(
+                "data.streams = %d is not a multiple of %d ranks: some streams are read by two "
+                "ranks (the examples are the same; the reading is not shared)",
+                self.streams,
+                world_size,
+            )
         self._done: dict[str, int] = {}
         self._epoch_stats: dict[int, dict[str, int]] = {}
+
+    def _plan(self, epoch: int) -> EpochPlan:
+        cfg, V = self.cfg, self.streams
+        if cfg.resampled:
+            samples = cfg.samples_per_epoch or self.manifest.count
+            return EpochPlan.resampled(V, cfg.batch_size, samples)
+        counts = {url: s.count for url, s in zip(self.urls, self.manifest.shards, strict=True)}
+        shards = [stream_shards(self.urls, v, V, epoch, cfg.seed) for v in range(V)]
+        return EpochPlan.exact([sum(counts[u] for u in s) for s in shards], cfg.batch_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """The next iteration yields ``epoch`` from its batch ``start_batch`` (for a resume).
 
-        Skipped batches are read but not decoded, so a resume is exact unless an undecodable
-        image falls in the skipped part (it is then counted as a sample, shifting by one).
+        Skipped samples are read but not decoded, so a resume is exact at any world size.
         """
-        if start_batch and self.batches is not None and not 0 <= start_batch < self.batches:
-            raise ValueError(f"start_batch {start_batch} is outside 0..{self.batches - 1}")
+        if not 0 <= start_batch < len(self):
+            raise ValueError(f"start_batch {start_batch} is outside 0..{len(self) - 1}")
         self.epoch, self.start_batch = epoch, start_batch
+        self.plan = self._plan(epoch)
 
     def __len__(self) -> int:
-        if self.batches is None:
-            raise TypeError("a non-resampled stream has no fixed length")
-        return self.batches
+        """Global batches per epoch: the same on every rank, at every world size."""
+        return self.plan.batches
 
     def dataset(self) -> ShardDataset:
-        """This epoch's loader-side dataset: uint8 batches plus per-loader fault counts."""
-        args = (self.rank, self.world, self.epoch, self.batches, self.start_batch)
+        """This epoch's loader-side dataset: the rank's parts of each batch, plus fault counts."""
+        args = (self.plan, self.rank, self.world, self.epoch, self.start_batch)
         return ShardDataset(self.cfg, self.manifest, self.urls, *args)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -576,13 +618,22 @@ class ShardStream:
             generator=torch.Generator().manual_seed(self.cfg.seed),
         )
         self._epoch_stats = {}
+        parts, b = [], self.start_batch
         try:
+            # The DataLoader takes one item from each process in turn: one part of each batch.
             for item in loader:
                 loader_id, counts = item.pop("stats")
                 self._epoch_stats[loader_id] = counts
-                if "image" in item:
-                    image = item["image"].to(self.device, non_blocking=True)
-                    yield dict(item, image=to_unit_range(image))
+                if "position" not in item:
+                    continue
+                parts.append(item)
+                if len(parts) < max(1, workers):
+                    continue
+                batch, parts = merge_parts(parts), []
+                if batch is not None:
+                    image = batch["image"].to(self.device, non_blocking=True)
+                    yield dict(batch, image=to_unit_range(image), global_size=self.plan.size(b))
+                b += 1
         finally:
             for counts in self._epoch_stats.values():
                 for key, value in counts.items():

@@ -252,8 +252,8 @@ def row_method(study: Study, name: str) -> str:
 
 
 def global_batch(cfg: TrainConfig) -> int:
-    """Images per optimiser step across every worker."""
-    return cfg.data.batch_size * cfg.run.num_workers
+    """Images per optimiser step across every worker (the config states it)."""
+    return cfg.data.batch_size
 
 
 def assemble(

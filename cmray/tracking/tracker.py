@@ -58,6 +58,10 @@ def find_run(client: Any, experiment_id: str, run_key: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+# MLflow 3's UI opens an experiment by its kind; untagged, it guessed GenAI ("Evaluation runs").
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 class Tracker:
     """One MLflow run, created or resumed (by ``run_key``) on first use.
 
@@ -181,9 +185,12 @@ class Tracker:
 
     def _experiment(self, client: Any) -> str:
         found = client.get_experiment_by_name(self.cfg.experiment)
-        if found is not None:
-            return found.experiment_id
-        return client.create_experiment(self.cfg.experiment, _local_artifacts(self.uri))
+        if found is None:
+            kind = {EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+            return client.create_experiment(self.cfg.experiment, _local_artifacts(self.uri), kind)
+        if EXPERIMENT_KIND_TAG not in found.tags:  # made before cmray tagged; a user's kind stays
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+        return found.experiment_id
 
     def _find_run(self, client: Any, experiment: str) -> str | None:
         run_id = find_run(client, experiment, self.run_key)

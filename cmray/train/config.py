@@ -174,8 +174,11 @@ class LoopConfig:
     """Steps, precision and what happens every K steps."""
 
     steps: int = param(1000, help="optimiser steps in the whole run", ge=1)
-    microbatches: int = param(
-        1, help="gradient accumulation: data.batch_size splits into these", ge=1
+    microbatch: int = param(
+        0,
+        help="images per forward pass on one rank; a rank's share of the global batch "
+        "accumulates over as many passes as it needs (0: the whole share in one pass)",
+        ge=0,
     )
     precision: Literal["fp32", "bf16", "fp16"] = param(
         "fp32", help="bf16 autocast, or fp16 autocast with loss scaling"
@@ -205,7 +208,12 @@ class RayConfig:
 
     name: str = param("cmray", help="run name; the same name resumes the same run")
     storage_path: str = param("runs/train", help="local directory or s3:// URL for checkpoints")
-    num_workers: int = param(2, help="Ray Train workers (one per GPU on GPU clusters)", ge=1)
+    num_workers: int | tuple[int, int] = param(
+        2,
+        help="Ray Train workers (one per GPU on GPU clusters); [min, max]: elastic, the run "
+        "continues on as few as min and grows back to max as resources come and go",
+        ge=1,
+    )
     use_gpu: bool = param(False, help="one GPU per worker")
     cpus_per_worker: float = param(1.0, help="CPUs reserved per worker", gt=0)
     max_failures: int = param(3, help="worker failures tolerated before the run fails", ge=-1)
@@ -213,6 +221,29 @@ class RayConfig:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = param(
         "WARNING", help="Ray Train's own console lines (INFO: every report of every rank)"
     )
+    preemption_checkpoint: bool = param(
+        True,
+        help="on a preemption notice (a draining node), checkpoint at once and restart from "
+        "there (false: Ray restarts at the deadline, from the last periodic checkpoint)",
+    )
+    resize_check_s: float = param(
+        60.0, help="elastic runs: seconds between checks for more workers", gt=0
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_workers, list):  # a YAML list, as Ray takes a tuple
+            self.num_workers = tuple(self.num_workers)
+        if isinstance(self.num_workers, tuple) and self.num_workers[0] > self.num_workers[1]:
+            raise ConfigError(
+                f"run.num_workers = {list(self.num_workers)}: min must not exceed max; "
+                "accepted: an int, or [min, max] with 1 <= min <= max",
+                key="run.num_workers",
+            )
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run uses (all of them, when not elastic)."""
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
 
 @dataclass
@@ -230,6 +261,10 @@ class TrainConfig:
         default_factory=QualityConfig, help="sample quality measured during training"
     )
 
+    def worker_batch(self) -> int:
+        """Images a step on one worker at the full worker count (its share of the global batch)."""
+        return self.data.batch_size // self.run.max_workers
+
     def model_config(self) -> ModelConfig:
         """The model this run trains, as every reader of its checkpoints and model file sees it."""
         return ModelConfig.from_training(to_dict(self))
@@ -239,15 +274,10 @@ class TrainConfig:
             raise ConfigError(
                 "data.manifest is empty; give the dataset's manifest URL", key="data.manifest"
             )
-        if self.data.batch_size % self.loop.microbatches:
+        if self.data.batch_size < self.run.max_workers:
             raise ConfigError(
-                f"data.batch_size = {self.data.batch_size} does not split into "
-                f"loop.microbatches = {self.loop.microbatches}",
-                key="loop.microbatches",
-            )
-        if self.run.num_workers > 1 and not self.data.resampled:
-            raise ConfigError(
-                "data.resampled = false with several workers gives ranks unequal "
-                "batch counts, which hangs DDP; set data.resampled = true",
-                key="data.resampled",
+                f"data.batch_size = {self.data.batch_size} is the global batch; it leaves some "
+                f"of run.num_workers = {self.run.max_workers} without an image; accepted: at "
+                f"least {self.run.max_workers}",
+                key="data.batch_size",
             )

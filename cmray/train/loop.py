@@ -6,8 +6,11 @@ in Ray's storage); ``run_local`` runs it in this process with checkpoints under 
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,14 +35,14 @@ from cmray.train.objectives import (
     CTObjective,
     ECTObjective,
     EDMObjective,
-    Generators,
     Objective,
+    SampleDraws,
     SCMObjective,
     conditioned,
     karras_grid,
 )
 from cmray.train.state import TrainState, data_position, unwrap
-from cmray.train.step import train_step
+from cmray.train.step import Share, train_step
 
 Log = Callable[[str], None]
 
@@ -49,16 +52,9 @@ class Trainer:
     cfg: TrainConfig
     state: TrainState
     objective: Objective
-    gen: Generators
     device: torch.device
     rank: int = 0
     world_size: int = 1
-
-
-def make_generators(seed: int, rank: int, device: torch.device) -> dict[str, torch.Generator]:
-    index = torch.Generator().manual_seed(rank_seed(seed, rank, "index"))
-    noise = torch.Generator(device=device).manual_seed(rank_seed(seed, rank, "noise"))
-    return {"index": index, "noise": noise}
 
 
 def build_net(cfg: TrainConfig) -> ConsistencyFunction:
@@ -186,20 +182,19 @@ def build_trainer(
     ema = EMABank(online, cfg.loop.ema_rates)
     online = wrap(online)
     scaler = torch.amp.GradScaler(device.type) if cfg.loop.precision == "fp16" else None
-    gens = make_generators(cfg.loop.seed, rank, device)
-    state = TrainState(
-        online,
-        target,
-        ema,
-        make_optimizer(cfg, online.parameters()),
-        scaler,
-        gens,
-        config=to_dict(cfg),
-    )
-    # The step's global RNG draws (dropout) also differ per rank.
+    optimizer = make_optimizer(cfg, online.parameters())
+    state = TrainState(online, target, ema, optimizer, scaler, config=to_dict(cfg))
+    # The step's global RNG draws (dropout) differ per rank; the noise and noise levels are
+    # drawn per sample (``SampleDraws``), the same at any world size.
     torch.manual_seed(rank_seed(cfg.loop.seed, rank, "torch"))
     objective = make_objective(cfg, device, start)
-    return Trainer(cfg, state, objective, Generators(**gens), device, rank, world_size)
+    return Trainer(cfg, state, objective, device, rank, world_size)
+
+
+def batch_draws(trainer: Trainer, count: int) -> SampleDraws:
+    """The draws of a step whose batch of ``count`` is all of the global batch (one process:
+    benchmarks, a single step)."""
+    return SampleDraws(trainer.cfg.loop.seed, trainer.state.step, list(range(count)))
 
 
 def quality_hook(trainer: Trainer) -> Callable[[], dict[str, float]] | None:
@@ -261,6 +256,18 @@ class Hooks:
     # Sample-quality figures, merged into the report; called on every rank that has one, at
     # the steps quality.every names (ranks without one still report then, to stay in step).
     quality: Callable[[], dict[str, float]] | None = None
+    # Called after every step on every rank (they must agree): True when this group is about
+    # to lose a node (a preemption notice, SIGTERM). The loop then checkpoints at once and
+    # stops with ``PreemptedError``, so the step is saved and none is trained twice.
+    preempted: Callable[[], bool] | None = None
+
+
+class PreemptedError(RuntimeError):
+    """The loop stopped on a preemption notice after checkpointing step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"preemption notice: checkpointed step {step} and stopped")
+        self.step = step
 
 
 @dataclass
@@ -275,10 +282,13 @@ def _metrics(
     trainer: Trainer, result: Any, seconds: float, stream: ShardStream, clock: _Clock
 ) -> dict:
     cfg, state = trainer.cfg, trainer.state
-    images = cfg.data.batch_size * trainer.world_size
+    images = cfg.data.batch_size
     elapsed = time.perf_counter() - clock.start
     return {
         "step": state.step,
+        "start_step": clock.first_step,  # where this worker group began: a restart shows
+        "world_size": trainer.world_size,
+        "global_batch": images,
         "steps_per_s": (state.step - clock.first_step) / max(elapsed, 1e-9),
         "loss": result.loss,
         "grad_norm": result.grad_norm,
@@ -302,9 +312,13 @@ def run_loop(trainer: Trainer, stream: ShardStream, hooks: Hooks) -> None:
         for batch in stream:
             x0 = batch["image"].to(trainer.device, non_blocking=True)
             labels = class_batch(batch["label"], cfg.net.num_classes, trainer.device)
-            result = train_step(state, trainer.objective, x0, loop, cfg.optim, trainer.gen, labels)
+            draws = SampleDraws(loop.seed, state.step, batch["position"].tolist())
+            share = Share(batch["global_size"], trainer.world_size)
+            args = (trainer.objective, x0, loop, cfg.optim, draws, labels, share)
+            result = train_step(state, *args)
             done = state.step >= loop.steps
-            save = state.step % loop.checkpoint_every == 0 or done
+            notice = hooks.preempted is not None and hooks.preempted() and not done
+            save = state.step % loop.checkpoint_every == 0 or done or notice
             every = loop.sample_every
             if hooks.sample is not None and ((every and state.step % every == 0) or done):
                 hooks.sample(state.step, sample_grid(trainer, loop.sample_count))
@@ -314,13 +328,31 @@ def run_loop(trainer: Trainer, stream: ShardStream, hooks: Hooks) -> None:
                 metrics = _metrics(trainer, result, seconds, stream, clock)
                 if measure and hooks.quality is not None:
                     metrics.update(hooks.quality())
-                hooks.report(metrics, save)
+                hooks.report(metrics | ({"preempted": 1.0} if notice else {}), save)
+            if notice:
+                raise PreemptedError(state.step)
             tick = time.perf_counter()
             if done:
                 return
 
 
 # ------------------------------------------------------------------------ one process, no Ray
+
+
+@contextlib.contextmanager
+def sigterm_notice() -> Iterator[Callable[[], bool]]:
+    """SIGTERM as a preemption notice (``Hooks.preempted``) while the block runs: a spot VM's
+    or a pod's shutdown signal checkpoints the step instead of killing the process. Only the
+    main thread may take signals; elsewhere the notice never comes."""
+    got = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield got.is_set
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: got.set())
+    try:
+        yield got.is_set
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_local(
@@ -330,7 +362,8 @@ def run_local(
     device: str = "cpu",
     on_metrics: Callable[[dict[str, float]], None] | None = None,
 ) -> Trainer:
-    """Train in this process; checkpoints under ``out/checkpoints``, resuming from the newest."""
+    """Train in this process; checkpoints under ``out/checkpoints``, resuming from the newest.
+    SIGTERM checkpoints the current step and raises ``PreemptedError``."""
     out = Path(out)
     trainer = build_trainer(cfg, torch.device(device))
     latest = ckpt.latest_checkpoint(out / "checkpoints")
@@ -362,6 +395,7 @@ def run_local(
             tracker.log_image(grid_array(images), "samples", step)
 
     hooks = Hooks(report, sample if tracker is not None else None, quality_hook(trainer))
-    run_loop(trainer, stream, hooks)
+    with sigterm_notice() as hooks.preempted:
+        run_loop(trainer, stream, hooks)
     finish_tracking(tracker, trainer)
     return trainer

@@ -1,7 +1,9 @@
 """The training objectives as step functions of (online, target, x0, k): pure PyTorch.
 
-Each draws its own noise from the generators it is given, so a run is a function of the seed,
-and derives its curriculum from the step k, so a resumed run needs no extra state.
+Each draws its random numbers from the ``Draws`` it is given (per batch for the 2D toy; per
+sample, keyed by the sample's place in the global batch and the step, for image training), so
+a run is a function of the seed, and derives its curriculum from the step k, so a resumed run
+needs no extra state.
 """
 
 from __future__ import annotations
@@ -16,18 +18,89 @@ from torch import nn
 
 from cmray.core import losses, schedules, trigflow
 from cmray.core.metrics import Metric
+from cmray.core.seeds import rank_seed
 from cmray.core.tensors import per_sample
 from cmray.models.config import NoiseConfig
 from cmray.train.config import CDConfig, CTConfig, ECTConfig, EDMConfig, SCMConfig
 from cmray.train.curriculum import ct_curriculum, ct_indices
 
+Draw = Callable[[int, torch.Generator], torch.Tensor]  # (count, generator) -> count values
+
+
+class Draws(Protocol):
+    """Where a loss's random numbers come from."""
+
+    def indices(self, draw: Draw, batch: int) -> torch.Tensor:
+        """``draw(count, generator)`` (grid indices, noise levels) for ``batch`` samples."""
+        ...
+
+    def z(self, x0: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like ``x0``, on its device."""
+        ...
+
+    def split(self, sizes: list[int]) -> list[Draws]:
+        """The draws of consecutive chunks of the batch (microbatches)."""
+        ...
+
 
 @dataclass
 class Generators:
-    """``index`` (CPU) draws grid indices and noise levels; ``noise`` draws z on the device."""
+    """Whole-batch draws from two streams: ``index`` (CPU) draws grid indices and noise levels;
+    ``noise`` draws z on the device."""
 
     index: torch.Generator
     noise: torch.Generator
+
+    def indices(self, draw: Draw, batch: int) -> torch.Tensor:
+        return draw(batch, self.index)
+
+    def z(self, x0: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x0.shape, generator=self.noise, device=x0.device, dtype=x0.dtype)
+
+    def split(self, sizes: list[int]) -> list[Draws]:
+        return [self] * len(sizes)
+
+
+@dataclass
+class SampleDraws:
+    """Per-sample draws: sample i's values come from generators seeded by (seed, step, its
+    place in the global batch, purpose), so they do not depend on which rank holds it, how
+    many ranks there are, or how the rank splits its share into microbatches."""
+
+    seed: int
+    step: int
+    positions: list[int]
+
+    def _generator(self, position: int, purpose: str, device: torch.device) -> torch.Generator:
+        key = rank_seed(self.seed, position, f"{self.step}/{purpose}")
+        return torch.Generator(device=device).manual_seed(key)
+
+    def indices(self, draw: Draw, batch: int) -> torch.Tensor:
+        if batch != len(self.positions):
+            raise ValueError(f"{batch} draws asked of a batch of {len(self.positions)} samples")
+        cpu = torch.device("cpu")
+        return torch.cat([draw(1, self._generator(p, "index", cpu)) for p in self.positions])
+
+    def z(self, x0: torch.Tensor) -> torch.Tensor:
+        one = (1, *x0.shape[1:])
+        return torch.cat(
+            [
+                torch.randn(
+                    one,
+                    generator=self._generator(p, "noise", x0.device),
+                    device=x0.device,
+                    dtype=x0.dtype,
+                )
+                for p in self.positions
+            ]
+        )
+
+    def split(self, sizes: list[int]) -> list[Draws]:
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [
+            SampleDraws(self.seed, self.step, self.positions[a : a + n])
+            for a, n in zip(starts, sizes, strict=True)
+        ]
 
 
 # A network as the losses call it, f(x, t): a module, or one with class labels bound.
@@ -41,7 +114,7 @@ class Objective(Protocol):
         target: Net | None,
         x0: torch.Tensor,
         k: int,
-        gen: Generators,
+        gen: Draws,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
@@ -62,8 +135,9 @@ def conditioned(net: Any, labels: torch.Tensor | None) -> Any:
     return functools.partial(net, class_labels=labels)
 
 
-def draw_z(x0: torch.Tensor, gen: Generators) -> torch.Tensor:
-    return torch.randn(x0.shape, generator=gen.noise, device=x0.device, dtype=x0.dtype)
+def edm_sigmas(P_mean: float, P_std: float) -> Draw:
+    """EDM's lognormal noise levels as a draw of ``count`` from a generator."""
+    return lambda count, generator: losses.edm_sigma(count, P_mean, P_std, generator)
 
 
 @dataclass
@@ -83,11 +157,11 @@ class CDObjective:
         target: Net | None,
         x0: torch.Tensor,
         k: int,
-        gen: Generators,
+        gen: Draws,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         sigmas = karras_grid(self.noise, self.cfg.N)
-        n = schedules.sample_uniform_indices(self.cfg.N, x0.shape[0], gen.index)
+        n = gen.indices(functools.partial(schedules.sample_uniform_indices, self.cfg.N), len(x0))
         # An unconditional teacher can distil a class-conditional student: it gets no labels.
         teacher = conditioned(self.teacher, labels if self.teacher_classes else None)
         return losses.cd_loss(
@@ -95,7 +169,7 @@ class CDObjective:
             target,
             teacher,
             x0,
-            draw_z(x0, gen),
+            gen.z(x0),
             n,
             sigmas,
             self.metric,
@@ -126,15 +200,13 @@ class CTObjective:
         target: Net | None,
         x0: torch.Tensor,
         k: int,
-        gen: Generators,
+        gen: Draws,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         N, _ = ct_curriculum(self.cfg, k, self.K)
         sigmas = karras_grid(self.noise, N)
-        n = ct_indices(self.cfg.curriculum, sigmas, x0.shape[0], gen.index)
-        return losses.ct_loss(
-            online, target, x0, draw_z(x0, gen), n, sigmas, self.metric, self.weighting
-        )
+        n = gen.indices(functools.partial(ct_indices, self.cfg.curriculum, sigmas), len(x0))
+        return losses.ct_loss(online, target, x0, gen.z(x0), n, sigmas, self.metric, self.weighting)
 
     def target_mu(self, k: int) -> float | None:
         return ct_curriculum(self.cfg, k, self.K)[1]
@@ -157,11 +229,11 @@ class EDMObjective:
         target: Net | None,
         x0: torch.Tensor,
         k: int,
-        gen: Generators,
+        gen: Draws,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        sigma = losses.edm_sigma(x0.shape[0], self.cfg.P_mean, self.cfg.P_std, gen.index)
-        return losses.edm_loss(online, x0, sigma, draw_z(x0, gen), self.sigma_data)
+        sigma = gen.indices(edm_sigmas(self.cfg.P_mean, self.cfg.P_std), len(x0))
+        return losses.edm_loss(online, x0, sigma, gen.z(x0), self.sigma_data)
 
     def target_mu(self, k: int) -> float | None:
         return None
@@ -190,13 +262,13 @@ class ECTObjective:
         target: Net | None,
         x0: torch.Tensor,
         k: int,
-        gen: Generators,
+        gen: Draws,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         c = self.cfg
-        t = losses.edm_sigma(x0.shape[0], c.P_mean, c.P_std, gen.index)
+        t = gen.indices(edm_sigmas(c.P_mean, c.P_std), len(x0))
         r = losses.ect_r(t, ect_stage(c, k, self.steps), c.q, c.k, c.b)
-        return losses.ect_loss(online, target, x0, draw_z(x0, gen), t, r, c.c, self.sigma_data)
+        return losses.ect_loss(online, target, x0, gen.z(x0), t, r, c.c, self.sigma_data)
 
     def target_mu(self, k: int) -> float | None:
         return None
@@ -221,13 +293,13 @@ class SCMObjective:
         target: Net | None,
         x0: torch.Tensor,
         k: int,
-        gen: Generators,
+        gen: Draws,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         c, sd = self.cfg, self.sigma_data
-        sigma = losses.edm_sigma(x0.shape[0], c.P_mean, c.P_std, gen.index)
+        sigma = gen.indices(edm_sigmas(c.P_mean, c.P_std), len(x0))
         t = trigflow.time_of(sigma, sd).to(device=x0.device, dtype=x0.dtype)
-        z = draw_z(x0, gen) * sd
+        z = gen.z(x0) * sd
         x_t = trigflow.x_t(x0, z, t)
         dxdt = self._velocity(x0, z, x_t, t, labels)
         rng = losses.capture_rng_state(x0.device)

@@ -3,13 +3,13 @@
 The checkpoint directory's layout, and how a complete one is recognised, are the model layer's
 (``cmray.models.checkpoints``): evaluation and sampling read checkpoints too. The data position
 is not stored: it is a function of the step (``data_position``), as the shuffle order is of
-(seed, rank, epoch).
+(seed, epoch), and the noise of (seed, step, position in the global batch); so a checkpoint
+resumes at any world size.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 from dataclasses import dataclass, field
@@ -30,19 +30,16 @@ from cmray.models.checkpoints import (  # noqa: F401 - the layout, re-exported f
 )
 from cmray.storage import local_temp_beside
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class TrainState:
-    """The online net, its target, EMA copies, optimizer and step, plus this rank's generators."""
+    """The online net, its target, EMA copies, optimizer and step."""
 
     online: nn.Module
     target: nn.Module | None
     ema: EMABank
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
-    generators: dict[str, torch.Generator]
     step: int = 0
     skipped_steps: int = 0
     nonfinite_run: int = 0
@@ -63,13 +60,13 @@ class TrainState:
         }
 
     def rank_state(self) -> dict[str, Any]:
-        """What differs between ranks: the generators that draw noise, dropout and indices."""
+        """What differs between ranks: the global generators (dropout). Noise and noise levels
+        are drawn per sample from (seed, step, position), so they need no saved state."""
         cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
         return {
             "torch": torch.get_rng_state(),
             "cuda": cuda,
             "python": random.getstate(),
-            "generators": {k: g.get_state() for k, g in self.generators.items()},
         }
 
     def load_shared(self, data: dict[str, Any]) -> None:
@@ -88,18 +85,6 @@ class TrainState:
         for i, state in enumerate(data["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(state, i)
         random.setstate(_as_random_state(data["python"]))
-        for key, state in data["generators"].items():
-            generator = self.generators[key]
-            if state.numel() != generator.get_state().numel():
-                # Saved on another device type (CPU and CUDA generator states differ in size),
-                # e.g. a run begun on a laptop and continued on a GPU: keep the fresh generator.
-                log.warning(
-                    "generator %r was saved on another device type; it restarts from the "
-                    "run's seed, so its noise repeats that of the run's first steps",
-                    key,
-                )
-                continue
-            generator.set_state(state)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -149,6 +134,6 @@ def load_checkpoint(state: TrainState, directory: str | os.PathLike[str], rank: 
     step = verify_checkpoint(directory)
     state.load_shared(torch.load(directory / STATE_FILE, weights_only=True, map_location="cpu"))
     rng_file = directory / f"rng-rank{rank}.pt"
-    if rng_file.is_file():  # absent when resuming on more ranks than saved: fresh generators
+    if rng_file.is_file():  # absent on ranks the saving run did not have: dropout reseeded
         state.load_rank(torch.load(rng_file, weights_only=True))
     return step

@@ -13,7 +13,7 @@ import torch
 
 from cmray.core.ema import ema_update_
 from cmray.train.config import LoopConfig, OptimConfig
-from cmray.train.objectives import Generators, Objective, conditioned
+from cmray.train.objectives import Draws, Objective, conditioned
 from cmray.train.state import TrainState, unwrap
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -44,28 +44,60 @@ def _no_sync(model: torch.nn.Module, last: bool) -> contextlib.AbstractContextMa
     return model.no_sync()
 
 
+@dataclass(frozen=True)
+class Share:
+    """This rank's part of the global batch: ``size`` samples over ``world`` ranks."""
+
+    size: int
+    world: int = 1
+
+
+def microbatch_sizes(n: int, microbatch: int) -> list[int]:
+    """A share of n images in passes of at most ``microbatch`` (0: one pass)."""
+    if not microbatch or n <= microbatch:
+        return [n]
+    return [microbatch] * (n // microbatch) + ([n % microbatch] if n % microbatch else [])
+
+
+def _global_sum(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over the ranks of the process group (itself without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+    return value
+
+
 def _accumulate(
     state: TrainState,
     objective: Objective,
     x0: torch.Tensor,
     loop: LoopConfig,
-    gen: Generators,
+    gen: Draws,
     labels: torch.Tensor | None,
+    share: Share,
 ) -> float:
-    """Forward and backward over the microbatches; the mean loss over the whole batch."""
-    chunks = x0.chunk(loop.microbatches)
-    label_chunks = [None] * len(chunks) if labels is None else labels.chunk(loop.microbatches)
-    losses = []
-    for i, (chunk, y) in enumerate(zip(chunks, label_chunks, strict=True)):
+    """Forward and backward over this rank's microbatches; the mean loss over the global batch.
+
+    Each sample's loss is weighted by world / global size, so DDP's mean over ranks is the mean
+    over the global batch whatever each rank's share: the same optimisation at any world size.
+    """
+    sizes = microbatch_sizes(len(x0), loop.microbatch)
+    weight = share.world / share.size
+    chunks, label_chunks = x0.split(sizes), [None] * len(sizes)
+    if labels is not None:
+        label_chunks = list(labels.split(sizes))
+    total = torch.zeros((), device=x0.device, dtype=torch.float64)
+    for i, (chunk, y, draws) in enumerate(zip(chunks, label_chunks, gen.split(sizes), strict=True)):
         with _no_sync(state.online, i == len(chunks) - 1):
             with autocast(loop.precision, x0.device):
                 nets = conditioned(state.online, y), conditioned(stopgrad_net(state), y)
-                loss = objective.loss(*nets, chunk, state.step, gen, y).mean()
-            scaled = loss / len(chunks)
+                loss = objective.loss(*nets, chunk, state.step, draws, y).sum()
+            scaled = loss * weight
             (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
-        losses.append(loss.detach().float())
-    # One device sync for the losses, not one per microbatch.
-    return sum(value / len(chunks) for value in torch.stack(losses).tolist())
+        total += loss.detach().double()
+    # One collective and one device sync for the step's loss, not one per microbatch.
+    return float(_global_sum(total)) / share.size
 
 
 def stopgrad_net(state: TrainState) -> torch.nn.Module:
@@ -94,18 +126,20 @@ def train_step(
     x0: torch.Tensor,
     loop: LoopConfig,
     optim: OptimConfig,
-    gen: Generators,
+    gen: Draws,
     labels: torch.Tensor | None = None,
+    share: Share | None = None,
 ) -> StepResult:
     """Algorithm 2/3 lines 4-9 for one batch: update theta, then theta- and the EMA copies.
 
     A step whose loss or gradient is not finite changes nothing but the counters, and
     ``loop.nonfinite_limit`` of them in a row raise ``NonFiniteLossError``; fp16's loss-scale
     overflows are skipped too but do not count towards the limit. ``labels`` are the batch's
-    classes, for a class-conditional network.
+    classes, for a class-conditional network; ``share`` says which part of the global batch
+    ``x0`` is (default: all of it, on one rank).
     """
     state.optimizer.zero_grad(set_to_none=True)
-    loss = _accumulate(state, objective, x0, loop, gen, labels)
+    loss = _accumulate(state, objective, x0, loop, gen, labels, share or Share(len(x0)))
     grad_norm = _grad_norm(state, optim.grad_clip)
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     if finite:

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,14 @@ from cmray.tracking import resolve_tracking_uri
 from cmray.tracking.config import is_mlflow_uri
 from cmray.train import state as ckpt
 from cmray.train.config import RayConfig, TrainConfig
-from cmray.train.loop import Hooks, Trainer, build_trainer, quality_hook, run_loop
+from cmray.train.loop import (
+    Hooks,
+    PreemptedError,
+    Trainer,
+    build_trainer,
+    quality_hook,
+    run_loop,
+)
 from cmray.train.tracking import finish_tracking, start_tracking
 
 SAMPLE_FILE = "samples.png"
@@ -79,11 +87,13 @@ def say(line: str) -> None:
 
 def progress_line(metrics: dict[str, float], steps: int, saved: bool) -> str:
     """One short line per report for people watching the job's log."""
-    keys = ("loss", "N", "mu", "images_per_s", *FRECHET_NAMES.values(), "skipped_steps")
+    keys = ("loss", "N", "mu", "world_size", "images_per_s", *FRECHET_NAMES.values())
+    keys += ("skipped_steps",)
     keys += ("data_decode_errors",)
     shown = " ".join(f"{k} {metrics[k]:.4g}" for k in keys if k in metrics)
+    note = " (checkpoint on the preemption notice)" if metrics.get("preempted") else ""
     return f"[cmray] step {int(metrics['step'])}/{steps} {shown}" + (
-        " (checkpoint)" if saved else ""
+        note or (" (checkpoint)" if saved else "")
     )
 
 
@@ -126,8 +136,57 @@ def train_worker(config: dict[str, Any]) -> None:
         _report(trainer, metrics, save, grid)
         _maybe_kill_self(trainer)
 
-    run_loop(trainer, stream, Hooks(report, sample if rank == 0 else None, quality_hook(trainer)))
+    notice = RayPreemption() if cfg.run.preemption_checkpoint else None
+    hooks = Hooks(report, sample if rank == 0 else None, quality_hook(trainer), notice)
+    while True:
+        try:
+            run_loop(trainer, stream, hooks)
+            break
+        except PreemptedError:  # checkpointed: Ray restarts the group from that step
+            notice.hold(rank)
     finish_tracking(tracker, trainer)
+
+
+# Ray Train's own wait for a preemption without a deadline (DEFAULT_PREEMPTION_DEADLINE_S).
+PREEMPTION_DEADLINE_S = 120.0
+# Past the deadline, a group still alive was not torn down: the drain was withdrawn.
+HOLD_MARGIN_S = 30.0
+
+
+class RayPreemption:
+    """Ray Train's preemption notice, for ``Hooks.preempted``: True once per notice that a node
+    of this worker group is draining (a spot reclaim, ``ray drain-node``). Every rank asks every
+    step, as Ray requires (the answer is rank 0's, broadcast).
+
+    After the checkpoint the ranks ``hold``: Ray Train tears the group down when the node goes
+    or the deadline passes and restarts it from that checkpoint on the nodes that stay (its
+    preemption budget, not ``max_failures``). A rank that trained on would train steps the
+    restart repeats; one that raised would spend a failure."""
+
+    def __init__(self) -> None:
+        self.info: Any = None
+
+    def __call__(self) -> bool:
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        if info is None or info == self.info:
+            return False
+        self.info = info
+        return True
+
+    def hold(self, rank: int) -> None:
+        info, now = self.info, time.time()
+        deadline = info.deadline_ms / 1000 if info.deadline_ms else now + PREEMPTION_DEADLINE_S
+        if rank == 0:
+            say(
+                f"[cmray] preemption notice (ranks {info.preempted_ranks} draining): "
+                f"checkpointed step; waiting up to {deadline - now:.0f} s for Ray to restart"
+            )
+        while time.time() < deadline + HOLD_MARGIN_S:
+            time.sleep(1.0)
+        if rank == 0:
+            say("[cmray] no restart came (the drain was withdrawn?): training goes on")
 
 
 def ray_storage(path: str) -> tuple[str, Any]:
@@ -224,6 +283,7 @@ def _torch_trainer(
             num_workers=run.num_workers,
             use_gpu=run.use_gpu,
             resources_per_worker=worker_resources(run),
+            elastic_resize_monitor_interval_s=run.resize_check_s,
         ),
         run_config=RunConfig(
             name=run.name,

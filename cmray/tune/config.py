@@ -276,8 +276,8 @@ def plan_search(cfg: TuneConfig) -> SearchPlan:
             key="quality.every",
         )
     run = base_cfg.run
-    gpus = float(run.num_workers) if run.use_gpu else 0.0
+    gpus = float(run.max_workers) if run.use_gpu else 0.0
     metric = FRECHET_NAMES[base_cfg.quality.features]
     return SearchPlan(
-        cfg, base, metric, base_cfg.loop.steps, run.num_workers * run.cpus_per_worker, gpus
+        cfg, base, metric, base_cfg.loop.steps, run.max_workers * run.cpus_per_worker, gpus
     )
