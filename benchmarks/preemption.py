@@ -8,6 +8,8 @@ answered, that node is removed, as the cloud would.
 
 Scenarios (``--scenarios``, comma-separated):
 - ``straight``: no interruption; the reference run.
+- ``unchecked``: the same with ``run.preemption_checkpoint=false``: no per-step question to
+  Ray, for the cost of asking.
 - ``notice``: cmray's preemption checkpoint: every rank sees the notice the next step,
   checkpoints, and stops; Ray restarts the group on a spare node from that step.
 - ``periodic``: the same drain with ``run.preemption_checkpoint=false``: Ray restarts at the
@@ -25,6 +27,7 @@ writes every scenario's per-step log (step, world size, loss, time) and its fina
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import threading
@@ -118,7 +121,7 @@ class Drill:
         self.cluster.wait_for_nodes()
         # A group that asks for more workers than remain gives up after this and asks again
         # for what there is (Ray's default waits 60 s; a real cluster's autoscaler decides).
-        env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+        env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
         ray.init(address=self.cluster.address, runtime_env={"env_vars": env})
 
     def add_node(self) -> None:
@@ -197,8 +200,15 @@ def resumed_after(
     return restart(log, since)["time"] - since, len(steps) - len(set(steps))
 
 
+def step_seconds(log: list[dict[str, Any]]) -> float:
+    """Median seconds between consecutive steps' reports, past the first few (warm-up)."""
+    times = [e["time"] for e in log][3:]
+    gaps = sorted(b - a for a, b in itertools.pairwise(times))
+    return gaps[len(gaps) // 2]
+
+
 def make_config(
-    args: argparse.Namespace, work: Path, name: str, overrides: list[str]
+    args: argparse.Namespace, work: Path, name: str, overrides: list[str], steps: int
 ) -> TrainConfig:
     data = apply_overrides(read_config_file(args.config), [*args.set, *overrides])
     values = {
@@ -208,7 +218,7 @@ def make_config(
         "run.storage_path": str(work / "runs"),
         "run.cpus_per_worker": 1,
         "run.max_failures": 0,  # a preemption is not a failure: it must not need one
-        "loop.steps": args.steps,
+        "loop.steps": steps,
         "loop.log_every": 1,
         "loop.checkpoint_every": args.checkpoint_every,
         "loop.sample_every": 0,
@@ -220,9 +230,10 @@ def make_config(
 
 SCENARIOS = {
     "straight": ([], None),
+    "unchecked": (["run.preemption_checkpoint=false"], None),
     "notice": ([], "preempt"),
     "periodic": (["run.preemption_checkpoint=false"], "preempt"),
-    "elastic": (["run.num_workers=[1,2]", "run.resize_check_s=5"], "grow"),
+    "elastic": (["run.num_workers=[1,2]", "run.resize_check_s=2"], "grow"),
 }
 
 
@@ -233,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--scenarios", default="notice,periodic")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--elastic-steps", type=int, default=0, help="elastic (0: --steps)")
     parser.add_argument("--checkpoint-every", type=int, default=20)
     parser.add_argument("--drain-at", type=int, default=30)
     parser.add_argument("--deadline", type=float, default=30.0, help="seconds the drain gives")
@@ -244,13 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--scenarios: unknown {unknown}; accepted: {', '.join(SCENARIOS)}")
     # A spare node for the fixed-size scenarios; the elastic one removes it first.
-    drill = Drill(nodes=3 if set(scenarios) - {"elastic", "straight"} else 2)
+    drill = Drill(nodes=3 if set(scenarios) & {"notice", "periodic"} else 2)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="cmray-preemption-") as tmp:
         work = Path(args.json).parent if args.json else Path(tmp)
         for name in scenarios:
             overrides, kind = SCENARIOS[name]
-            cfg = make_config(args, work, name, overrides)
+            steps = args.elastic_steps if name == "elastic" and args.elastic_steps else args.steps
+            cfg = make_config(args, work, name, overrides, steps)
             interrupt = None
             if kind == "preempt":
                 interrupt = drill.preempt(args.drain_at, args.deadline)
@@ -275,6 +288,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{name}: run {out['seconds']:.0f} s", flush=True)
             results[name] = out
+        if {"straight", "unchecked"} <= results.keys():
+            asked, plain = (step_seconds(results[k]["log"]) for k in ("straight", "unchecked"))
+            print(
+                f"straight / unchecked: {asked / plain:.3f} of the time a step "
+                f"({1e3 * (asked - plain):+.1f} ms for the per-step notice check)",
+                flush=True,
+            )
         if {"notice", "periodic"} <= results.keys():
             n, p = results["notice"], results["periodic"]
             print(

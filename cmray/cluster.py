@@ -23,6 +23,21 @@ def ray_init(num_cpus: int | None = None) -> dict[str, float]:
     return ray.cluster_resources()
 
 
+def capacity(resources: dict[str, float]) -> dict[str, float]:
+    """The most the cluster can hold: an autoscaling cluster's node types at their max counts
+    (the config its autoscaler publishes, which Ray Data reads too), or what is up now where
+    that is more (a fixed cluster publishes none). A search sized by the nodes up at its start
+    would run one trial on an autoscaling cluster that starts with its head alone."""
+    import ray
+
+    try:
+        most = ray._private.state.state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # no autoscaler state in this Ray: the nodes up now are the cluster
+        most = {}
+    keys = set(resources) | set(most)
+    return {k: max(float(resources.get(k, 0.0)), float(most.get(k, 0))) for k in keys}
+
+
 def use_cluster_token() -> bool:
     """Send the cluster's token when RAY_AUTH_MODE is unset and this machine has one
     (RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token, which ``ray

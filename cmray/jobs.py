@@ -95,12 +95,12 @@ def submit(
     env: dict[str, str] | None = None,
 ) -> str:
     """Check the config, then submit the pipeline as a Ray job; returns the job's ID."""
+    from cmray.cluster import use_cluster_token
+
+    use_cluster_token()  # before anything imports Ray, which reads the auth mode once
     relative = check_config(kind, config, overrides, working_dir)
     from ray.job_submission import JobSubmissionClient
 
-    from cmray.cluster import use_cluster_token
-
-    use_cluster_token()
     runtime_env: dict[str, Any] = {"working_dir": working_dir, "excludes": EXCLUDES}
     if env:
         runtime_env["env_vars"] = env

@@ -4,6 +4,7 @@ short runs of the pipeline behave on the console."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,33 @@ def test_local_training_uses_the_gpu_only_when_one_is_visible(
     fell_back = "no CUDA device is visible: training on the CPU" in result.stdout
     assert fell_back != torch.cuda.is_available()
     assert (tmp_path / "digits_ct" / "checkpoints" / "step-000000002").is_dir()
+
+
+def test_sigterm_checkpoints_the_step_and_a_rerun_continues_from_it(
+    digits16: str, tmp_path: Path
+) -> None:
+    """A spot VM's shutdown signal: the local run finishes its step, checkpoints it (the
+    periodic checkpoints are far apart), exits 143, and the same command continues there."""
+    sets = [f"data.manifest={digits16}/manifest.json", f"run.storage_path={tmp_path}"]
+    sets += ["tracking.enabled=false", "loop.steps=400", "loop.checkpoint_every=1000"]
+    sets += ["loop.log_every=1", "data.num_workers=0"]
+    args = [sys.executable, "-u", *TRAIN, "--config", str(ROOT / "configs" / "digits_ct.yaml")]
+    args += ["--local", *[w for kv in sets for w in ("--set", kv)]]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:
+        if b"step 3 " in line:  # training: stop it
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err.decode()[-2000:]
+    stopped = err.decode().strip().splitlines()[-1]
+    assert stopped.startswith("SIGTERM: preemption notice: checkpointed step ")
+    step = int(stopped.split("checkpointed step ")[1].split()[0])
+    checkpoints = tmp_path / "digits_ct" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == [f"step-{step:09d}"]
+    again = run_digits(digits16, tmp_path, ["--local"], 300, **{"loop.steps": step + 1})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"at step {step}" in again.stdout and f"step {step + 1} " in again.stdout
 
 
 @pytest.mark.slow

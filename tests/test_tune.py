@@ -123,6 +123,37 @@ def test_concurrency_follows_the_cluster() -> None:
     assert max_concurrent(fixed, {"CPU": 1.0}) == 3
 
 
+@pytest.mark.slow
+def test_an_autoscaling_clusters_node_types_size_the_search(ray_cluster: str) -> None:
+    """On an autoscaling cluster the nodes up at a search's start are not its size: the node
+    types at their max counts are. The autoscaler publishes them in the GCS, where Ray's own
+    reader finds them; its fake provider is not in the wheel, so the test publishes what an
+    autoscaler would (up to 3 nodes of 4 GPUs and 32 CPUs) on the session's Ray, briefly."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental import internal_kv
+
+    from cmray.cluster import capacity
+
+    up = ray.cluster_resources()
+    assert capacity(up) == pytest.approx({k: v for k, v in up.items()})  # a fixed cluster
+    config = autoscaler_pb2.ClusterConfig()
+    group = config.node_group_configs.add()
+    group.resources.update({"CPU": 32, "GPU": 4})
+    group.max_count = 3
+    key = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode()
+    space = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode()
+    internal_kv._internal_kv_put(key, config.SerializeToString(), namespace=space)
+    try:
+        most = capacity(up)
+    finally:
+        internal_kv._internal_kv_del(key, namespace=space)
+    assert most["CPU"] == 96 and most["GPU"] == 12  # no GPU is up: the types say 12 may be
+    gpu = plan_search(from_dict(TuneConfig, toy_tune()))
+    gpu.trial_cpus, gpu.trial_gpus = 8.0, 4.0
+    assert max_concurrent(gpu, most) == 3
+
+
 # --------------------------------------------------------------------------- toy students
 
 

@@ -49,7 +49,8 @@ def localize(plan: SearchPlan) -> SearchPlan:
 
 
 def max_concurrent(plan: SearchPlan, resources: dict[str, float]) -> int:
-    """``run.max_concurrent_trials``, or as many trials as the cluster's CPUs and GPUs hold."""
+    """``run.max_concurrent_trials``, or as many trials as the cluster's CPUs and GPUs hold
+    (``resources``: its capacity, counting the nodes an autoscaler may still start)."""
     if plan.cfg.run.max_concurrent_trials:
         return plan.cfg.run.max_concurrent_trials
     fits = [resources.get("CPU", 0.0) / plan.trial_cpus]
@@ -197,14 +198,14 @@ def _finish_tracking(plan: SearchPlan, tracker: Any, outcome: Outcome, log: Log)
 def run_search(plan: SearchPlan, log: Log = print) -> Outcome:
     """Prepare, search (or resume the search), then record and write the outcome of a plan
     from :func:`plan_search` (made before Ray starts, so config mistakes cost nothing)."""
-    from cmray.cluster import ray_init
+    from cmray.cluster import capacity, ray_init
 
     # A trial that ASHA stops is blocked inside TorchTrainer.fit() and cannot end itself;
     # Tune kills its process (and with it the Train run's workers) only after this many
     # seconds (600 by default), holding the trial's CPUs and GPUs idle meanwhile.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "10")
     cfg = plan.cfg
-    resources = ray_init()
+    resources = capacity(ray_init())
     plan = localize(plan)
     concurrency = max_concurrent(plan, resources)
     if cfg.experiment == "toy2d" and cfg.toy_methods() != {"ct"}:
