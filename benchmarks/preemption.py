@@ -128,6 +128,13 @@ class Drill:
         self.nodes.append(self.cluster.add_node(num_cpus=1))
         self.cluster.wait_for_nodes()
 
+    def resize(self, count: int) -> None:
+        """Add or remove worker nodes until there are ``count``."""
+        while len(self.nodes) < count:
+            self.add_node()
+        while len(self.nodes) > count:
+            self.remove(self.nodes[-1].node_id)
+
     def remove(self, node_id: str) -> None:
         node = next(n for n in self.nodes if n.node_id == node_id)
         self.nodes.remove(node)
@@ -197,7 +204,10 @@ def resumed_after(
     """Seconds from ``since`` to the restarted group's first report, and the steps trained
     twice (reported again by a later group) before ``until``."""
     steps = [e["step"] for e in log if e["time"] < until]
-    return restart(log, since)["time"] - since, len(steps) - len(set(steps))
+    first = restart(log, since)
+    if first is None:
+        raise RuntimeError("the run ended before Ray restarted it: give it more steps")
+    return first["time"] - since, len(steps) - len(set(steps))
 
 
 def step_seconds(log: list[dict[str, Any]]) -> float:
@@ -255,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(scenarios) - set(SCENARIOS))
     if unknown:
         parser.error(f"--scenarios: unknown {unknown}; accepted: {', '.join(SCENARIOS)}")
-    # A spare node for the fixed-size scenarios; the elastic one removes it first.
-    drill = Drill(nodes=3 if set(scenarios) & {"notice", "periodic"} else 2)
+    drill = Drill(nodes=2)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="cmray-preemption-") as tmp:
         work = Path(args.json).parent if args.json else Path(tmp)
@@ -264,12 +273,13 @@ def main(argv: list[str] | None = None) -> int:
             overrides, kind = SCENARIOS[name]
             steps = args.elastic_steps if name == "elastic" and args.elastic_steps else args.steps
             cfg = make_config(args, work, name, overrides, steps)
+            # Two nodes for the two workers, and a spare where the fixed-size group must restart
+            # at full size; the elastic run has none, so it must shrink to go on.
+            drill.resize(3 if kind == "preempt" else 2)
             interrupt = None
             if kind == "preempt":
                 interrupt = drill.preempt(args.drain_at, args.deadline)
             elif kind == "grow":
-                while len(drill.nodes) > 2:  # no spare: the run must shrink to go on
-                    drill.remove(drill.nodes[-1].node_id)
                 interrupt = drill.preempt(args.drain_at, args.deadline, grow_after=args.grow_after)
             started = time.perf_counter()
             out = drill.run(cfg, work / f"{name}.jsonl", interrupt)

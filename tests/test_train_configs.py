@@ -182,3 +182,5 @@ def test_the_job_log_shows_each_progress_line_once(
     assert "Reporting training result" not in out and "Started training worker group" not in out
     # Channels-last weights: DDP's gradient buckets match, so no stride warning.
     assert "Grad strides do not match bucket view strides" not in out
+    # Ray's report of its own PreemptionWatcher's restartable arguments stays out too.
+    assert "has constructor arguments in the object store" not in out

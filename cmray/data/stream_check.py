@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", required=True, help="dataset or manifest.json URL")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64, help="the global batch")
     parser.add_argument("--loaders", type=int, default=2, help="DataLoader processes per rank")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
     args = parser.parse_args(argv)

@@ -298,15 +298,25 @@ def _torch_trainer(
     )
 
 
+# Libraries' INFO lines in a worker's log that say nothing a user acts on (MLflow's system
+# metrics monitor starting and stopping, its model-signature check): shown from DEBUG/INFO only.
+CHATTY_LOGGERS = ("mlflow.system_metrics", "mlflow.pyfunc", "mlflow.models")
+
+
 def _at_log_level(fn: Any, level: str, config: dict[str, Any]) -> None:
     """Run a worker function with Ray Train's per-report line at ``level`` too: Ray logs it
-    under a logger named by its file path, which LoggingConfig's level does not reach."""
+    under a logger named by its file path, which LoggingConfig's level does not reach. Other
+    libraries' chatter goes below ``level`` with it; their warnings stay."""
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray layout: the line stays
         context = None
     if context is not None:
         logging.getLogger(context.__file__).setLevel(level)
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    if logging.getLevelName(level) > logging.INFO:  # MLflow's download bars, one per model
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     fn(config)
 
 
