@@ -255,7 +255,7 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if origin in _UNION_ORIGINS:
-        return _coerce_optional(value, tp, key)
+        return _coerce_union(value, tp, key)
     if origin is Literal:
         return _coerce_literal(value, tp, key)
     if _is_section(tp):
@@ -268,7 +268,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return result
 
 
-def _coerce_optional(value: Any, tp: Any, key: str) -> Any:
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
     args = get_args(tp)
     if value is None and _NONE_TYPE in args:
         return None

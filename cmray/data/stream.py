@@ -227,6 +227,11 @@ def stream_shards(urls: list[str], stream: int, streams: int, epoch: int, seed: 
     return order[stream::streams]
 
 
+def shard_counts(manifest: Manifest, urls: list[str]) -> dict[str, int]:
+    """Each shard URL's sample count, from the manifest."""
+    return {url: s.count for url, s in zip(urls, manifest.shards, strict=True)}
+
+
 def resampled_shards(urls: list[str], rng: random.Random) -> Iterator[str]:
     while True:
         yield rng.choice(urls)
@@ -407,7 +412,7 @@ class ShardDataset(IterableDataset):
     ) -> None:
         super().__init__()
         self.cfg, self.manifest, self.urls, self.plan = cfg, manifest, urls, plan
-        self.expected = {url: s.count for url, s in zip(urls, manifest.shards, strict=True)}
+        self.expected = shard_counts(manifest, urls)
         self.rank, self.world, self.epoch, self.start = rank, world, epoch, start
         self.streams = plan.rank_streams(rank, world, start)
 
@@ -581,7 +586,7 @@ class ShardStream:
         if cfg.resampled:
             samples = cfg.samples_per_epoch or self.manifest.count
             return EpochPlan.resampled(V, cfg.batch_size, samples)
-        counts = {url: s.count for url, s in zip(self.urls, self.manifest.shards, strict=True)}
+        counts = shard_counts(self.manifest, self.urls)
         shards = [stream_shards(self.urls, v, V, epoch, cfg.seed) for v in range(V)]
         return EpochPlan.exact([sum(counts[u] for u in s) for s in shards], cfg.batch_size)
 
