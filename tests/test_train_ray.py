@@ -13,7 +13,13 @@ import torch
 
 from cmray.config import to_dict
 from cmray.train import state as ckpt
-from cmray.train.worker import FAULT_ONCE_ENV, FAULT_STEP_ENV, SAMPLE_FILE, launch
+from cmray.train.worker import (
+    FAULT_ONCE_ENV,
+    FAULT_SIGNAL_ENV,
+    FAULT_STEP_ENV,
+    SAMPLE_FILE,
+    launch,
+)
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,17 +35,22 @@ def kill_file(ray_cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     return marker
 
 
-def test_two_workers_survive_a_kill_and_resume_by_name(
-    digits16: str, kill_file: Path, tmp_path: Path
+def test_two_workers_survive_sigterm_and_a_kill_and_resume_by_name(
+    digits16: str, kill_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """SIGTERM to rank 0's process after step 6: every rank checkpoints step 7, rank 0 exits as
+    Ray's handler would, and Ray restarts the group there (not at the periodic checkpoint, 4).
+    Then the run goes on by name, and a SIGKILL after step 9 sends it back to step 8."""
     from test_train import tiny_config
 
     cfg = tiny_config(digits16, steps=8, checkpoint_every=4, log_every=2)
     cfg.run.num_workers, cfg.run.max_failures = 2, 1
     cfg.run.storage_path, cfg.run.name = str(tmp_path), "chaos"
+    monkeypatch.setenv(FAULT_SIGNAL_ENV, "TERM")
     result = launch(cfg)
-    assert kill_file.read_text() == "killed at step 6\n"  # the worker really died once
+    assert kill_file.read_text() == "killed at step 6\n"  # the signal really came, once
     assert result.metrics["step"] == 8
+    assert result.metrics["start_step"] == 7  # the restarted group began at SIGTERM's step
     with result.checkpoint.as_directory() as directory:
         assert ckpt.verify_checkpoint(directory) == 8
         markers = sorted(p.name for p in Path(directory).glob("complete-rank*.json"))
@@ -58,8 +69,15 @@ def test_two_workers_survive_a_kill_and_resume_by_name(
         assert all(torch.equal(wa[k], straight[k]) for k in wa)
 
     cfg.run.name, cfg.loop.steps = "chaos", 10  # the same name: continues from 8, not from 0
+    cfg.loop.log_every = 1  # a report at step 9, where the crash comes
+    crashed = tmp_path / "crashed"
+    monkeypatch.setenv(FAULT_STEP_ENV, "9")
+    monkeypatch.setenv(FAULT_ONCE_ENV, str(crashed))
+    monkeypatch.setenv(FAULT_SIGNAL_ENV, "KILL")
     again = launch(cfg)
+    assert crashed.read_text() == "killed at step 9\n"
     assert again.metrics["step"] == 10
+    assert again.metrics["start_step"] == 8  # a crash goes back to the last checkpoint
     # Only steps 9 and 10 were read: rank 0's half of their global batches.
     assert again.metrics["data_samples"] == 2 * cfg.data.batch_size // 2
 

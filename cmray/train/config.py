@@ -223,8 +223,9 @@ class RayConfig:
     )
     preemption_checkpoint: bool = param(
         True,
-        help="on a preemption notice (a draining node), checkpoint at once and restart from "
-        "there (false: Ray restarts at the deadline, from the last periodic checkpoint)",
+        help="on a preemption notice (a draining node) or SIGTERM to a worker, checkpoint at "
+        "once and restart from there (false: Ray restarts at the deadline or on the worker's "
+        "death, from the last periodic checkpoint)",
     )
     resize_check_s: float = param(
         60.0, help="elastic runs: seconds between checks for more workers", gt=0

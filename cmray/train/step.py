@@ -59,7 +59,7 @@ def microbatch_sizes(n: int, microbatch: int) -> list[int]:
     return [microbatch] * (n // microbatch) + ([n % microbatch] if n % microbatch else [])
 
 
-def _global_sum(value: torch.Tensor) -> torch.Tensor:
+def global_sum(value: torch.Tensor) -> torch.Tensor:
     """``value`` summed over the ranks of the process group (itself without one)."""
     import torch.distributed as dist
 
@@ -97,7 +97,7 @@ def _accumulate(
             (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
         total += loss.detach().double()
     # One collective and one device sync for the step's loss, not one per microbatch.
-    return float(_global_sum(total)) / share.size
+    return float(global_sum(total)) / share.size
 
 
 def stopgrad_net(state: TrainState) -> torch.nn.Module:

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ from cmray.train.loop import (
     quality_hook,
     run_loop,
 )
+from cmray.train.step import global_sum
 from cmray.train.tracking import finish_tracking, start_tracking
 
 SAMPLE_FILE = "samples.png"
@@ -47,12 +49,17 @@ SAMPLE_FILE = "samples.png"
 # (or a test's) recovery path can be exercised on demand. The file records that it happened.
 # Set in the driver's environment, they reach the run's workers (and only that run's).
 FAULT_STEP_ENV, FAULT_ONCE_ENV = "CMRAY_KILL_AT_STEP", "CMRAY_KILL_ONCE_FILE"
+# The signal it sends itself: KILL (a crash: back to the last periodic checkpoint) or TERM (a
+# shutdown: the step is checkpointed first, as on a preemption notice).
+FAULT_SIGNAL_ENV = "CMRAY_KILL_SIGNAL"
+FAULT_SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
 
 
 def _fault_env() -> dict[str, str]:
     """The chaos variables set in the driver, for the run's workers: a worker's environment is
     the cluster's, fixed when Ray started, so they travel in the run's worker runtime env."""
-    return {k: os.environ[k] for k in (FAULT_STEP_ENV, FAULT_ONCE_ENV) if k in os.environ}
+    names = (FAULT_STEP_ENV, FAULT_ONCE_ENV, FAULT_SIGNAL_ENV)
+    return {k: os.environ[k] for k in names if k in os.environ}
 
 
 def _resume(trainer: Trainer) -> None:
@@ -102,8 +109,10 @@ def _maybe_kill_self(trainer: Trainer) -> None:
     if trainer.rank != 0 or step is None or once is None or trainer.state.step != int(step):
         return
     if not os.path.exists(once):
+        name = os.environ.get(FAULT_SIGNAL_ENV, "KILL")
         Path(once).write_text(f"killed at step {step}\n")
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), FAULT_SIGNALS[name])
+        _SIGTERM.wait(10.0)  # taken on the main thread before the next step, for a fixed drill
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -136,14 +145,18 @@ def train_worker(config: dict[str, Any]) -> None:
         _report(trainer, metrics, save, grid)
         _maybe_kill_self(trainer)
 
-    notice = RayPreemption() if cfg.run.preemption_checkpoint else None
+    notice = RayPreemption(device) if cfg.run.preemption_checkpoint else None
     hooks = Hooks(report, sample if rank == 0 else None, quality_hook(trainer), notice)
-    while True:
-        try:
-            run_loop(trainer, stream, hooks)
-            break
-        except PreemptedError:  # checkpointed: Ray restarts the group from that step
-            notice.hold(rank)
+    try:
+        while True:
+            try:
+                run_loop(trainer, stream, hooks)
+                break
+            except PreemptedError:  # checkpointed: Ray restarts the group from that step
+                notice.hold(rank)
+    finally:
+        if notice is not None:
+            notice.close()
     finish_tracking(tracker, trainer)
 
 
@@ -151,31 +164,92 @@ def train_worker(config: dict[str, Any]) -> None:
 PREEMPTION_DEADLINE_S = 120.0
 # Past the deadline, a group still alive was not torn down: the drain was withdrawn.
 HOLD_MARGIN_S = 30.0
+# After a SIGTERM's checkpoint, the signalled rank waits this long past the moment the
+# controller took its report before it exits, so the checkpoint is registered first.
+REPORT_GRACE_S = 2.0
+
+# Set by this process's SIGTERM handler (on the main thread); read by the training thread.
+_SIGTERM = threading.Event()
+_RAY_SIGTERM: list[Any] = []  # Ray's own handler, restored once the step is checkpointed
+
+
+def _flag_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM flags the step for a checkpoint; a second one, with the first not yet acted on
+    (a loop stuck in a collective), goes to Ray's handler, which ends the worker."""
+    if _SIGTERM.is_set() and callable(_RAY_SIGTERM[0]):
+        _RAY_SIGTERM[0](signum, frame)
+    _SIGTERM.set()
+
+
+def _catch_sigterm(_worker: Any) -> None:
+    """On the worker's main thread, the only one that may set handlers."""
+    _RAY_SIGTERM[:] = [signal.signal(signal.SIGTERM, _flag_sigterm)]
+
+
+def _release_sigterm(_worker: Any) -> None:
+    """On the main thread: SIGTERM back to Ray's handler, which ends the worker."""
+    signal.signal(signal.SIGTERM, _RAY_SIGTERM[0])
+
+
+def _exit_on_sigterm(worker: Any) -> None:
+    """On the main thread: the worker ends as Ray ends one that is told to stop."""
+    _release_sigterm(worker)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _on_main_thread(fn: Any) -> Any:
+    """Runs ``fn(worker)`` on this Ray worker's main thread: Ray Train runs the training
+    function on a thread of its own, and its actor takes calls on the main one."""
+    import ray
+
+    return ray.get_runtime_context().current_actor.__ray_call__.remote(fn)
 
 
 class RayPreemption:
-    """Ray Train's preemption notice, for ``Hooks.preempted``: True once per notice that a node
-    of this worker group is draining (a spot reclaim, ``ray drain-node``). Every rank asks every
-    step, as Ray requires (the answer is rank 0's, broadcast).
+    """``Hooks.preempted`` on Ray Train: True once per notice that this worker group is about
+    to lose a node, that is
 
-    After the checkpoint the ranks ``hold``: Ray Train tears the group down when the node goes
-    or the deadline passes and restarts it from that checkpoint on the nodes that stay (its
-    preemption budget, not ``max_failures``). A rank that trained on would train steps the
-    restart repeats; one that raised would spend a failure."""
+    - Ray's preemption notice, for a node that drains (a spot reclaim, ``ray drain-node``).
+      Every rank asks every step, as Ray requires (the answer is rank 0's, broadcast);
+    - SIGTERM to any rank's process (a pod or VM shutting down). The ranks agree through one
+      scalar all-reduce a step, since the signal reaches only the processes of one node.
 
-    def __init__(self) -> None:
+    After the checkpoint the ranks ``hold``. On a drain, Ray Train tears the group down when
+    the node goes or the deadline passes and restarts it from that checkpoint on the nodes
+    that stay (its preemption budget, not ``max_failures``). On SIGTERM, the signalled rank
+    exits once the controller has the checkpoint, as Ray's own handler would have exited it,
+    and Ray restarts the group from that checkpoint (a worker failure: ``max_failures``). A
+    rank that trained on would train steps the restart repeats."""
+
+    def __init__(self, device: torch.device) -> None:
         self.info: Any = None
+        self.device = device
+        self.signalled = self.terminating = False
+        import ray
+
+        ray.get(_on_main_thread(_catch_sigterm))
+
+    def close(self) -> None:
+        """Training is over: SIGTERM ends the worker again, as Ray has it."""
+        import ray
+
+        ray.get(_on_main_thread(_release_sigterm))
 
     def __call__(self) -> bool:
         import ray.train
 
         info = ray.train.get_preemption_info()
-        if info is None or info == self.info:
-            return False
-        self.info = info
-        return True
+        drained = info is not None and info != self.info
+        self.info = info if drained else self.info
+        self.signalled = _SIGTERM.is_set()
+        flags = global_sum(torch.tensor([float(self.signalled)], device=self.device))
+        self.terminating = bool(flags.item() > 0)
+        return drained or self.terminating
 
     def hold(self, rank: int) -> None:
+        if self.terminating:
+            self._hold_for_sigterm(rank)
+            return
         info, now = self.info, time.time()
         deadline = info.deadline_ms / 1000 if info.deadline_ms else now + PREEMPTION_DEADLINE_S
         if rank == 0:
@@ -183,10 +257,32 @@ class RayPreemption:
                 f"[cmray] preemption notice (ranks {info.preempted_ranks} draining): "
                 f"checkpointed step; waiting up to {deadline - now:.0f} s for Ray to restart"
             )
-        while time.time() < deadline + HOLD_MARGIN_S:
-            time.sleep(1.0)
+        _sleep_until(deadline + HOLD_MARGIN_S)
         if rank == 0:
             say("[cmray] no restart came (the drain was withdrawn?): training goes on")
+
+    def _hold_for_sigterm(self, rank: int) -> None:
+        if self.signalled:
+            say(f"[cmray] rank {rank} got SIGTERM: checkpointed step; exiting for Ray to restart")
+            _report_taken()
+            time.sleep(REPORT_GRACE_S)
+            _on_main_thread(_exit_on_sigterm)
+        # Ray tears the group down once the signalled worker is gone.
+        _sleep_until(time.time() + PREEMPTION_DEADLINE_S)
+        raise RuntimeError("SIGTERM: checkpointed, but Ray did not restart the worker group")
+
+
+def _report_taken() -> None:
+    """Blocks until Ray Train's controller has taken this worker's last report (its queue's
+    task is done), so the checkpoint is registered before the process goes."""
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    get_train_context().get_result_queue().join()
+
+
+def _sleep_until(deadline: float) -> None:
+    while time.time() < deadline:
+        time.sleep(1.0)
 
 
 def ray_storage(path: str) -> tuple[str, Any]:
