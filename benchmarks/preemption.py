@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -174,7 +175,8 @@ class Drill:
                 return any(e["step"] >= step for e in read_log(log))
 
             wait_for(lambda: past(drain_at), f"step {drain_at}", running)
-            node = sorted(worker_nodes())[-1]
+            # The actor table can lag the workers' first reports: ask until it lists them.
+            node = sorted(wait_for(worker_nodes, "the workers' nodes", running))[-1]
             events["drain_time"] = time.time()
             drain(self.cluster.gcs_address, node, deadline_s)
             # The reclaim: the VM shuts down (SIGTERM to its processes) just after the deadline.
@@ -211,9 +213,13 @@ def resumed_after(
 
 
 def step_seconds(log: list[dict[str, Any]]) -> float:
-    """Median seconds between consecutive steps' reports, past the first few (warm-up)."""
-    times = [e["time"] for e in log][3:]
-    gaps = sorted(b - a for a, b in itertools.pairwise(times))
+    """Median seconds a step between consecutive reports, past the first few (warm-up)."""
+    entries = log[3:]
+    gaps = sorted(
+        (b["time"] - a["time"]) / (b["step"] - a["step"])
+        for a, b in itertools.pairwise(entries)
+        if b["step"] > a["step"]
+    )
     return gaps[len(gaps) // 2]
 
 
@@ -229,7 +235,7 @@ def make_config(
         "run.cpus_per_worker": 1,
         "run.max_failures": 0,  # a preemption is not a failure: it must not need one
         "loop.steps": steps,
-        "loop.log_every": 1,
+        "loop.log_every": args.log_every,
         "loop.checkpoint_every": args.checkpoint_every,
         "loop.sample_every": 0,
         "tracking.enabled": False,
@@ -259,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-at", type=int, default=30)
     parser.add_argument("--deadline", type=float, default=30.0, help="seconds the drain gives")
     parser.add_argument("--grow-after", type=int, default=4, help="elastic: steps on one")
+    parser.add_argument(
+        "--log-every",
+        type=int,
+        default=1,
+        help="steps between reports; more than 1 so that Ray Train's one report per poll "
+        "does not pace the steps (for straight,unchecked)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     scenarios = args.scenarios.split(",")
@@ -281,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
                 interrupt = drill.preempt(args.drain_at, args.deadline)
             elif kind == "grow":
                 interrupt = drill.preempt(args.drain_at, args.deadline, grow_after=args.grow_after)
+            # A rerun into the same folder starts afresh: no old log lines, no run to resume.
+            (work / f"{name}.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(work / "runs" / name, ignore_errors=True)
             started = time.perf_counter()
             out = drill.run(cfg, work / f"{name}.jsonl", interrupt)
             out["seconds"] = time.perf_counter() - started

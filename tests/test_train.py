@@ -291,3 +291,19 @@ def test_cd_distils_a_teacher_from_a_model_file(digits16: str, tmp_path: Path) -
     cfg.objective.cd.teacher = str(tmp_path / "missing.pt")
     with pytest.raises(ConfigError, match=r"objective\.cd\.teacher: no model file at"):
         preflight(cfg)
+
+
+def test_report_waits_are_named_once_when_they_pace_training() -> None:
+    """Reports faster than Ray Train's controller reads them pace training to its poll: past
+    a quarter of the time over ten reports, one warning that names the setting to raise."""
+    import time
+
+    from cmray.train.worker import ReportWait
+
+    slow = ReportWait(log_every=1, start=time.perf_counter() - 10.0)
+    assert [slow.observe(0.4) for _ in range(9)] == [None] * 9  # too few reports to judge
+    warning = slow.observe(0.4)  # 4 s of 10 waiting
+    assert warning is not None and "loop.log_every (now 1)" in warning
+    assert slow.observe(0.4) is None  # said once
+    fast = ReportWait(log_every=50, start=time.perf_counter() - 10.0)
+    assert all(fast.observe(0.15) is None for _ in range(12))  # 1.8 s of 10: under a quarter

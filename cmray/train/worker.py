@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,17 +73,52 @@ def _resume(trainer: Trainer) -> None:
         say(f"rank {trainer.rank}: resumed at step {step}")
 
 
-def _report(trainer: Trainer, metrics: dict[str, float], save: bool, grid: list) -> None:
+def _report(
+    trainer: Trainer, metrics: dict[str, float], save: bool, grid: list, wait: ReportWait
+) -> None:
     import ray.train
 
     if not save:
+        tick = time.perf_counter()
         ray.train.report(metrics)
+        warning = wait.observe(time.perf_counter() - tick)
+        if warning and trainer.rank == 0:
+            say(warning)
         return
     with tempfile.TemporaryDirectory() as tmp:
         ckpt.save_checkpoint(trainer.state, tmp, trainer.rank, trainer.world_size)
         if trainer.rank == 0 and grid:
             save_grid(grid.pop(), Path(tmp) / SAMPLE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+@dataclass
+class ReportWait:
+    """How long ``ray.train.report`` held the training thread. Ray Train keeps one unread
+    report per worker and its controller reads one per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
+    2 s by default), so reports more frequent than that pace training to the poll. Once that
+    costs more than ``share`` of the time over ``reports`` reports, rank 0 says so, once."""
+
+    log_every: int
+    share: float = 0.25
+    reports: int = 10
+    waited: float = 0.0
+    seen: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    told: bool = False
+
+    def observe(self, seconds: float) -> str | None:
+        """Adds one report's wait; the warning, the first time it is due."""
+        self.waited, self.seen = self.waited + seconds, self.seen + 1
+        elapsed = time.perf_counter() - self.start
+        if self.told or self.seen < self.reports or self.waited <= self.share * elapsed:
+            return None
+        self.told = True
+        return (
+            f"[cmray] {100 * self.waited / elapsed:.0f}% of the time went waiting for Ray "
+            f"Train's controller to read reports (one per poll, "
+            f"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): raise loop.log_every (now {self.log_every})"
+        )
 
 
 def say(line: str) -> None:
@@ -129,6 +165,7 @@ def train_worker(config: dict[str, Any]) -> None:
     _resume(trainer)
     stream = ShardStream(cfg.data, rank, world, device=device)
     grid: list[torch.Tensor] = []
+    wait = ReportWait(cfg.loop.log_every)
     key = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
     tracker = start_tracking(cfg, run_key=key) if rank == 0 else None
 
@@ -142,7 +179,7 @@ def train_worker(config: dict[str, Any]) -> None:
             say(progress_line(metrics, cfg.loop.steps, save))
         if tracker is not None:
             tracker.log_metrics(metrics, trainer.state.step)
-        _report(trainer, metrics, save, grid)
+        _report(trainer, metrics, save, grid, wait)
         _maybe_kill_self(trainer)
 
     notice = RayPreemption(device) if cfg.run.preemption_checkpoint else None
@@ -209,10 +246,14 @@ class RayPreemption:
     """``Hooks.preempted`` on Ray Train: True once per notice that this worker group is about
     to lose a node, that is
 
-    - Ray's preemption notice, for a node that drains (a spot reclaim, ``ray drain-node``).
-      Every rank asks every step, as Ray requires (the answer is rank 0's, broadcast);
-    - SIGTERM to any rank's process (a pod or VM shutting down). The ranks agree through one
-      scalar all-reduce a step, since the signal reaches only the processes of one node.
+    - Ray's preemption notice, for a node that drains (a spot reclaim, ``ray drain-node``),
+      which Ray's PreemptionWatcher hands to every worker;
+    - SIGTERM to any rank's process (a pod or VM shutting down), which reaches only the
+      processes of one node.
+
+    Every rank asks Ray for the first every step, as Ray requires (the answer is rank 0's,
+    broadcast); they agree on the second through one scalar all-reduce a step. Neither made a
+    step slower in benchmarks/preemption.py (benchmarks/RESULTS.md).
 
     After the checkpoint the ranks ``hold``. On a drain, Ray Train tears the group down when
     the node goes or the deadline passes and restarts it from that checkpoint on the nodes
@@ -222,11 +263,11 @@ class RayPreemption:
     rank that trained on would train steps the restart repeats."""
 
     def __init__(self, device: torch.device) -> None:
+        import ray
+
         self.info: Any = None
         self.device = device
         self.signalled = self.terminating = False
-        import ray
-
         ray.get(_on_main_thread(_catch_sigterm))
 
     def close(self) -> None:
@@ -242,8 +283,8 @@ class RayPreemption:
         drained = info is not None and info != self.info
         self.info = info if drained else self.info
         self.signalled = _SIGTERM.is_set()
-        flags = global_sum(torch.tensor([float(self.signalled)], device=self.device))
-        self.terminating = bool(flags.item() > 0)
+        flag = global_sum(torch.tensor([float(self.signalled)], device=self.device))
+        self.terminating = bool(flag.item() > 0)
         return drained or self.terminating
 
     def hold(self, rank: int) -> None:
