@@ -77,6 +77,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/unet_sampling.py
 	$(BIN)/python benchmarks/teacher_load.py
 	$(BIN)/python benchmarks/activation_memory.py
+	$(BIN)/python benchmarks/train_launch.py
 
 # On a CUDA machine: the LSUN-256 CD-LPIPS and CT-LPIPS training steps (largest batch with and
 # without activation checkpointing, MFU, GPU-hours), FID features/s and U-Net sampling.

@@ -119,3 +119,16 @@ def test_objective_cost_times_every_objective_against_ct(import_benchmark, capsy
     rates = dict(re.findall(r"^\s+(\w+)\s+[0-9.]+ images/s\s+ratio to ct ([0-9.]+)", out, re.M))
     assert set(rates) == {"ct", "cd", "ect", "sct", "scd"} and rates["ct"] == "1.00"
     assert all(float(r) > 0 for r in rates.values())
+
+
+def test_train_launch_counts_busy_time_and_refuses_a_run_of_nothing(import_benchmark, capsys):
+    """The launch benchmark's clock is the machine's busy time, which work moves; and it
+    will not time zero launches."""
+    bench = import_benchmark("train_launch")
+    before = bench.busy_core_seconds()
+    sum(i * i for i in range(3_000_000))  # about a tenth of a core-second of Python
+    assert bench.busy_core_seconds() > before
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--launches", "0"])
+    assert exit_info.value.code == 2
+    assert "--launches and --workers must be at least 1" in capsys.readouterr().err
