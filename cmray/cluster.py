@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 
-def ray_init(num_cpus: int | None = None) -> dict[str, float]:
+def ray_init(num_cpus: int | None = None, log: Callable[[str], None] = print) -> dict[str, float]:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray with ``num_cpus`` CPUs (all,
-    when None or 0). Returns the cluster's total resources."""
+    when None or 0). Returns the cluster's total resources. Joining a cluster first frees the
+    reservations that Ray leaked there (:func:`reclaim_orphaned_groups`)."""
     import ray
 
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=True)
+            reclaim_orphaned_groups(log)
         else:
             # "local": a new instance, never one another process happens to have running
             # (plain ray.init() joins the newest local cluster it finds).
@@ -75,3 +79,52 @@ def announce_local_cluster() -> None:
         write_ray_address(ray.get_runtime_context().gcs_address)
     finally:
         quiet.setLevel(level)
+
+
+_ENDED_JOB = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+
+
+def orphaned_groups(groups: Iterable[Any], jobs: Iterable[Any], actors: Iterable[Any]) -> list[str]:
+    """The placement groups, among the State API's ``groups``, that nothing can use or free:
+    not detached, made by a job listed as ended, and with no actor of that job alive (a
+    detached actor of an ended job may own groups it still uses). ``actors``: the live ones."""
+    ended = {j.job_id for j in jobs if j.job_id and str(j.status).split(".")[-1] in _ENDED_JOB}
+    ended -= {a.job_id for a in actors}
+    return [
+        g.placement_group_id
+        for g in groups
+        if not g.is_detached and g.state != "REMOVED" and g.creator_job_id in ended
+    ]
+
+
+def reclaim_orphaned_groups(log: Callable[[str], None] = print) -> list[str]:
+    """Remove the placement groups that Ray leaked on this cluster; returns their IDs.
+
+    Ray removes a job's placement groups when the job ends, but a group that one of the job's
+    actors asks for while the job is being torn down (a Train controller restarting its worker
+    group just as a killed search driver's job ends) is registered after that cleanup and
+    keeps its CPUs and GPUs reserved until the cluster stops: the next search waits for ever.
+    """
+    from ray.util import state
+
+    try:
+        ask = {"limit": 10_000, "timeout": 10, "raise_on_missing_output": False}
+        groups = state.list_placement_groups(filters=[("state", "!=", "REMOVED")], **ask)
+        jobs = state.list_jobs(**ask) if groups else []
+        actors = state.list_actors(filters=[("state", "!=", "DEAD")], **ask) if groups else []
+    except Exception as exc:  # no dashboard, hence no State API: nothing can be checked
+        log(f"note: could not look for leaked placement groups ({type(exc).__name__}: {exc})")
+        return []
+    removed = orphaned_groups(groups, jobs, actors)
+    for group_id in removed:
+        remove_group(group_id)
+        log(f"freed placement group {group_id}: left reserved by a job that has ended")
+    return removed
+
+
+def remove_group(group_id: str) -> None:
+    """Remove a placement group by its hex ID (as the State API lists it), whoever made it."""
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group_id)))

@@ -154,6 +154,51 @@ def test_an_autoscaling_clusters_node_types_size_the_search(ray_cluster: str) ->
     assert max_concurrent(gpu, most) == 3
 
 
+def test_a_group_is_orphaned_only_when_its_job_ended_and_none_of_its_actors_lives() -> None:
+    from types import SimpleNamespace as R
+
+    from cmray.cluster import orphaned_groups
+
+    def group(name: str, job: str, detached: bool = False) -> R:
+        return R(placement_group_id=name, creator_job_id=job, is_detached=detached, state="CREATED")
+
+    groups = [group("leaked", "04"), group("mine", "06"), group("kept", "04", detached=True)]
+    groups += [group("owned", "02")]  # job 02 ended, but its detached actor may use the group
+    jobs = [R(job_id="04", status="SUCCEEDED"), R(job_id="06", status="RUNNING")]
+    jobs += [R(job_id="02", status="FAILED"), R(job_id=None, status="PENDING")]
+    actors = [R(job_id="02")]
+    assert orphaned_groups(groups, jobs, actors) == ["leaked"]
+    running = [R(job_id="04", status="JobStatus.RUNNING")]  # as an enum prints, too
+    assert orphaned_groups(groups, running, actors) == []  # and a job not listed: kept
+
+
+@pytest.mark.slow
+def test_reclaiming_leaves_live_and_detached_groups_and_frees_one_by_id(ray_cluster: str) -> None:
+    """On a real Ray, through the State API: the reclaim keeps a group this (live) job made and
+    a detached one, and the removal frees a group's CPU by the ID the State API lists."""
+    import ray
+    from ray.util import state
+    from ray.util.placement_group import placement_group
+
+    from cmray.cluster import reclaim_orphaned_groups, remove_group
+
+    live = placement_group([{"CPU": 1}])
+    kept = placement_group([{"CPU": 1}], lifetime="detached")
+    ray.get([live.ready(), kept.ready()], timeout=60)
+    ids = [g.id.hex() for g in (live, kept)]
+    try:
+        lines: list[str] = []
+        assert not set(reclaim_orphaned_groups(lines.append)) & set(ids)
+        listed = {g.placement_group_id: g.state for g in state.list_placement_groups(limit=10_000)}
+        assert [listed[i] for i in ids] == ["CREATED", "CREATED"]
+        assert not any("could not look" in line for line in lines)
+    finally:
+        for group_id in ids:
+            remove_group(group_id)
+    gone = {g.placement_group_id: g.state for g in state.list_placement_groups(limit=10_000)}
+    assert [gone[i] for i in ids] == ["REMOVED", "REMOVED"]
+
+
 # --------------------------------------------------------------------------- toy students
 
 
@@ -219,15 +264,21 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_toy_search_survives_a_driver_crash_and_finds_the_better_trial(
+def test_a_toy_search_survives_a_driver_crash_and_asha_frees_what_it_stops(
     ray_cluster: str, tmp_path: Path
 ) -> None:
-    """Kill the driver of a search submitted to a running cluster (RAY_ADDRESS) once the first
-    trial has checkpoints: Ray ends the dead driver's trials, and the same command resumes the
-    search (Tuner.restore) and finishes it; the best trial beats the worst."""
+    """A search submitted to a running cluster (RAY_ADDRESS), 3 trials one at a time, each
+    reserving both CPUs. Its driver is killed once the first trial has checkpoints: Ray ends
+    the dead driver's trials, and the same command resumes the search (Tuner.restore) and
+    finishes it. ASHA stops the second trial (the slow learning rate, behind the first at the
+    first rung), which must give its CPUs back, or the third waits for ever; the best trial
+    beats the worst, and no reservation of the dead driver's outlives it."""
+    from cmray.cluster import reclaim_orphaned_groups
+
     config = tmp_path / "tune.yaml"
-    # The learning rates alone: two trials are what the resume and the ranking need.
-    cfg = toy_tune(num_samples=1, scheduler={"enabled": False}, space=TOY_SPACE[:1])
+    # Fast, slow, fast: the third trial needs the CPUs that the stopped second one held.
+    space = [{**TOY_SPACE[0], "values": [3.0e-3, 1.0e-5, 3.0e-3]}]
+    cfg = toy_tune(num_samples=1, space=space, toy={**TOY_TRIAL, "cpus": 2})
     config.write_text(yaml.safe_dump(cfg))
     search = tmp_path / "runs" / "tune" / "toy"
     cluster = {"RAY_ADDRESS": ray_cluster}
@@ -244,41 +295,39 @@ def test_toy_search_survives_a_driver_crash_and_finds_the_better_trial(
     proc = _tune(config, tmp_path, cluster)
     assert proc.wait(900) == 0, (tmp_path / "tune.log").read_text()[-3000:]
     log = (tmp_path / "tune.log").read_text()
-    assert "resuming search" in log
+    assert "resuming search" in log and "up to 1 trials at once" in log
     rows = _rows(search / "results.csv")
-    assert len(rows) == 2  # the grid of 2 learning rates, drawn once each
-    assert all(r["status"] == "finished" and r["step"] == "240" for r in rows)
+    assert len(rows) == 3
+    assert sorted(r["status"] for r in rows) == ["finished", "finished", "stopped early"]
+    (stopped,) = [r for r in rows if r["status"] == "stopped early"]
+    assert float(stopped["ct.optim.lr"]) == 1.0e-5 and int(stopped["step"]) < 240
+    assert all(r["step"] == "240" for r in rows if r["status"] == "finished")
     scores = [float(r["energy_distance"]) for r in rows]
     assert scores == sorted(scores) and scores[0] < scores[-1]
     assert float(rows[0]["ct.optim.lr"]) == 3.0e-3  # a learning rate 300x larger wins
     best = yaml.safe_load((search / "best_config.yaml").read_text())
     assert best["ct"]["optim"]["lr"] == 3.0e-3 and best["ct"]["optim"]["epochs"] == 30
+    assert reclaim_orphaned_groups() == []  # freed at the resumed start, if Ray leaked any
 
 
 @pytest.mark.slow
-def test_trials_asha_stops_free_their_workers_for_the_next(tmp_path: Path) -> None:
-    """3 trials, one at a time, each reserving both CPUs: a trial that ASHA stops must give
-    its CPUs back, or the trial after it waits for ever. The machine's current-cluster record
-    names a dead cluster first, as after any earlier `ray start`, which once kept Ray Train's
-    cleaner from freeing them. (The second trial, the slow learning rate, is stopped at the
-    first rung: it is behind the fast one already there.)"""
-    from ray._private.utils import write_ray_address
+def test_a_local_ray_replaces_a_dead_clusters_record(tmp_path: Path) -> None:
+    """After any earlier `ray start` the machine's current-cluster record names a dead cluster;
+    a driver that starts its own Ray records that one instead, or Ray Train's placement-group
+    cleaner asks the dead one and a stopped trial's CPUs stay reserved for good."""
+    from ray._private.utils import read_ray_address, write_ray_address
 
     write_ray_address("127.0.0.1:9")
-    config = tmp_path / "tune.yaml"
-    # Fast, slow, fast: the third trial needs the CPUs that the stopped second one held.
-    space = [{**TOY_SPACE[0], "values": [3.0e-3, 1.0e-5, 3.0e-3]}]
-    cfg = toy_tune(num_samples=1, space=space, toy={**TOY_TRIAL, "cpus": 2})
-    config.write_text(yaml.safe_dump(cfg))
-    proc = _tune(config, tmp_path)
-    assert proc.wait(900) == 0, (tmp_path / "tune.log").read_text()[-3000:]
-    log = (tmp_path / "tune.log").read_text()
-    assert "up to 1 trials at once" in log  # nothing runs beside a trial
-    rows = _rows(tmp_path / "runs" / "tune" / "toy" / "results.csv")
-    assert len(rows) == 3
-    assert sorted(r["status"] for r in rows) == ["finished", "finished", "stopped early"]
-    (stopped,) = [r for r in rows if r["status"] == "stopped early"]
-    assert float(stopped["ct.optim.lr"]) == 1.0e-5 and int(stopped["step"]) < 240
+    script = (
+        "import ray\nfrom cmray.cluster import ray_init\nray_init(1)\n"
+        "print(ray.get_runtime_context().gcs_address)\nray.shutdown()"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert read_ray_address() == done.stdout.strip().splitlines()[-1] != "127.0.0.1:9"
 
 
 @pytest.mark.slow
