@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from cmray.config import from_dict, to_dict
+from cmray.config import ConfigError, from_dict, to_dict
 from cmray.data.stream import ShardStream
 from cmray.eval.config import FRECHET_NAMES
 from cmray.eval.images import grid_array, save_grid
@@ -46,12 +46,14 @@ from cmray.train.step import global_sum
 from cmray.train.tracking import finish_tracking, start_tracking
 
 SAMPLE_FILE = "samples.png"
-# Chaos testing: the worker of rank 0 kills its own process once, after this step, so a cluster's
-# (or a test's) recovery path can be exercised on demand. The file records that it happened.
-# Set in the driver's environment, they reach the run's workers (and only that run's).
+# Chaos testing: the worker of rank 0 kills its own process once after each of these steps
+# (comma-separated), so a cluster's (or a test's) recovery path can be exercised on demand. The
+# file records each kill, so a restarted group does not repeat it. Set in the driver's
+# environment, they reach the run's workers (and only that run's).
 FAULT_STEP_ENV, FAULT_ONCE_ENV = "CMRAY_KILL_AT_STEP", "CMRAY_KILL_ONCE_FILE"
-# The signal it sends itself: KILL (a crash: back to the last periodic checkpoint) or TERM (a
-# shutdown: the step is checkpointed first, as on a preemption notice).
+# The signal it sends itself, one for all the steps or one per step: KILL (a crash: back to the
+# last periodic checkpoint) or TERM (a shutdown: the step is checkpointed first, as on a
+# preemption notice).
 FAULT_SIGNAL_ENV = "CMRAY_KILL_SIGNAL"
 FAULT_SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
 
@@ -60,7 +62,19 @@ def _fault_env() -> dict[str, str]:
     """The chaos variables set in the driver, for the run's workers: a worker's environment is
     the cluster's, fixed when Ray started, so they travel in the run's worker runtime env."""
     names = (FAULT_STEP_ENV, FAULT_ONCE_ENV, FAULT_SIGNAL_ENV)
-    return {k: os.environ[k] for k in names if k in os.environ}
+    env = {k: os.environ[k] for k in names if k in os.environ}
+    if FAULT_STEP_ENV in env:  # checked here, where a mistake is one line, not a dead worker
+        signals = env.get(FAULT_SIGNAL_ENV, "KILL")
+        try:
+            faults = _faults(env[FAULT_STEP_ENV], signals)
+        except ValueError:
+            faults = {}
+        if not faults or not set(faults.values()) <= FAULT_SIGNALS.keys():
+            raise ConfigError(
+                f"{FAULT_STEP_ENV}={env[FAULT_STEP_ENV]} with {FAULT_SIGNAL_ENV}={signals}: "
+                "accepted: steps like 6 or 6,9, and one signal (KILL or TERM) or one per step"
+            )
+    return env
 
 
 def _resume(trainer: Trainer) -> None:
@@ -141,15 +155,25 @@ def progress_line(metrics: dict[str, float], steps: int, saved: bool) -> str:
 
 
 def _maybe_kill_self(trainer: Trainer) -> None:
-    step, once = os.environ.get(FAULT_STEP_ENV), os.environ.get(FAULT_ONCE_ENV)
-    if trainer.rank != 0 or step is None or once is None or trainer.state.step != int(step):
+    steps, once = os.environ.get(FAULT_STEP_ENV), os.environ.get(FAULT_ONCE_ENV)
+    if trainer.rank != 0 or steps is None or once is None:
         return
-    if not os.path.exists(once):
-        name = os.environ.get(FAULT_SIGNAL_ENV, "KILL")
-        Path(once).write_text(f"killed at step {step}\n")
-        os.kill(os.getpid(), FAULT_SIGNALS[name])
-        if name == "TERM":  # taken on the main thread before the next step, for a fixed drill
-            _SIGTERM.wait(10.0)
+    faults = _faults(steps, os.environ.get(FAULT_SIGNAL_ENV, "KILL"))
+    name, line = faults.get(trainer.state.step), f"killed at step {trainer.state.step}\n"
+    if name is None or (os.path.exists(once) and line in Path(once).read_text()):
+        return
+    with open(once, "a") as fh:
+        fh.write(line)
+    os.kill(os.getpid(), FAULT_SIGNALS[name])
+    if name == "TERM":  # taken on the main thread before the next step, for a fixed drill
+        _SIGTERM.wait(10.0)
+
+
+def _faults(steps: str, signals: str) -> dict[int, str]:
+    """``{step: signal name}`` from the chaos variables: "6,9" with "TERM,KILL", or one name."""
+    at = [int(v) for v in steps.split(",")]
+    names = signals.split(",")
+    return dict(zip(at, names * len(at) if len(names) == 1 else names, strict=True))
 
 
 def train_worker(config: dict[str, Any]) -> None:
