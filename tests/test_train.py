@@ -307,3 +307,24 @@ def test_report_waits_are_named_once_when_they_pace_training() -> None:
     assert slow.observe(0.4) is None  # said once
     fast = ReportWait(log_every=50, start=time.perf_counter() - 10.0)
     assert all(fast.observe(0.15) is None for _ in range(12))  # 1.8 s of 10: under a quarter
+
+
+@pytest.mark.parametrize(
+    ("steps", "signals", "ok"),
+    [("6", "KILL", True), ("6,10", "TERM,KILL", True), ("6,10", "TERM", True),
+     ("6,10", "TERM,KILL,KILL", False), ("x", "KILL", False), ("6", "HUP", False)],
+)  # fmt: skip
+def test_chaos_variables_are_checked_in_the_driver_in_one_line(
+    steps: str, signals: str, ok: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cmray.config import ConfigError
+    from cmray.train.worker import FAULT_SIGNAL_ENV, FAULT_STEP_ENV, _fault_env
+
+    monkeypatch.setenv(FAULT_STEP_ENV, steps)
+    monkeypatch.setenv(FAULT_SIGNAL_ENV, signals)
+    if ok:
+        assert _fault_env() == {FAULT_STEP_ENV: steps, FAULT_SIGNAL_ENV: signals}
+    else:
+        with pytest.raises(ConfigError, match=f"{FAULT_STEP_ENV}={steps} with") as info:
+            _fault_env()
+        assert "\n" not in str(info.value) and "accepted:" in str(info.value)
