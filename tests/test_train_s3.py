@@ -1,4 +1,5 @@
-"""Checkpoints in S3 (moto on loopback) through Ray's storage_path, and resume from them."""
+"""A run submitted to a running cluster with its checkpoints in S3 (moto on loopback) through
+Ray's storage_path: its log as a job's log reads, and a rerun resuming from S3."""
 
 from __future__ import annotations
 
@@ -7,22 +8,37 @@ from pathlib import Path
 import pytest
 import torch
 
+from cmray.config import load_config
 from cmray.models import load_model
 from cmray.storage import url_to_fs
+from cmray.train.config import TrainConfig
 from cmray.train.worker import launch
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_them(
-    ray_cluster: None, s3_bucket: str, digits16: str, tmp_path: Path
+def test_a_cluster_run_logs_each_line_once_checkpoints_to_s3_and_resumes_from_there(
+    ray_cluster: str, s3_bucket: str, digits16: str, tmp_path: Path
 ) -> None:
-    from test_train import tiny_config
+    """``pipelines/train.py`` on two workers of the session's Ray (RAY_ADDRESS, as a job runs),
+    storing in S3; then the same run, by name, continued in this process from S3."""
+    from test_train_configs import run_digits
 
-    cfg = tiny_config(digits16, steps=4, checkpoint_every=2, log_every=2)
-    cfg.run.num_workers, cfg.run.storage_path, cfg.run.name = 2, f"{s3_bucket}/runs", "s3run"
-    first = launch(cfg)
-    assert first.metrics["step"] == 4
+    sets = {"loop.steps": 4, "loop.log_every": 2, "loop.checkpoint_every": 2}
+    sets |= {"run.num_workers": 2, "run.storage_path": f"{s3_bucket}/runs", "run.name": "s3run"}
+    result = run_digits(digits16, tmp_path, [], 600, {"RAY_ADDRESS": ray_cluster}, **sets)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout + result.stderr
+    # Ray Train's print() both logs and echoes; cmray's lines bypass it.
+    assert out.count("[cmray] step 2/4 ") == 1, out[-3000:]
+    # run.log_level (WARNING) hides Ray Train's per-report and worker-group INFO lines.
+    assert "Reporting training result" not in out and "Started training worker group" not in out
+    # Channels-last weights: DDP's gradient buckets match, so no stride warning.
+    assert "Grad strides do not match bucket view strides" not in out
+    # Ray's report of its own PreemptionWatcher's restartable arguments stays out too.
+    assert "has constructor arguments in the object store" not in out
+
     fs, root = url_to_fs(f"{s3_bucket}/runs/s3run")
     entries = fs.ls(root, detail=True)
     checkpoints = [
@@ -41,7 +57,11 @@ def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_them(
     for (name, a), b in zip(remote.state_dict().items(), local.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
-    cfg.loop.steps = 6
+    sets |= {"loop.steps": 6, "data.manifest": f"{digits16}/manifest.json"}
+    sets["tracking.enabled"] = False
+    cfg = load_config(
+        TrainConfig, ROOT / "configs" / "digits_ct.yaml", [f"{k}={v}" for k, v in sets.items()]
+    )
     again = launch(cfg)
     assert again.metrics["step"] == 6
     # Resumed at step 4: rank 0 decoded only its half of steps 5 and 6's global batches.
