@@ -4,17 +4,24 @@ report once, on a local Ray, timed in wall seconds and in the machine's busy cor
 The baseline is one fresh Python process importing ``ray.train.torch`` (what each Ray Train
 worker imports); the ratio says how many such processes' worth of CPU a launch costs. This is
 the floor under every Ray Train test and every Tune trial, so it bounds the suite's time.
-Linux only (``/proc/stat``); run it on an otherwise idle machine.
+Linux only (``/proc``); run it on an otherwise idle machine. ``--per-process`` also samples
+every process's CPU time during the last launch and prints where it went, by process name
+(Ray names its actors' processes ``ray::Class``); a process's last 0.1 s before it exits can
+be missed.
 
-    python benchmarks/train_launch.py --launches 3 --workers 2
+    python benchmarks/train_launch.py --launches 3 --workers 2 [--per-process]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 
@@ -31,6 +38,58 @@ def measured(fn: Callable[[], object]) -> tuple[float, float]:
     cpu, wall = busy_core_seconds(), time.perf_counter()
     fn()
     return time.perf_counter() - wall, busy_core_seconds() - cpu
+
+
+class ProcessClock:
+    """CPU seconds of every process on the machine while it runs, sampled from ``/proc``."""
+
+    def __init__(self, every_s: float = 0.1) -> None:
+        self.every_s, self.names, self.start, self.last = every_s, {}, {}, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> ProcessClock:
+        self._sample(self.start)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample(self.last)
+
+    def _sample(self, into: dict[int, float]) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                if pid not in self.names:
+                    with open(f"/proc/{pid}/cmdline") as fh:
+                        name = fh.read().split("\0")[0]
+                    if name:  # an exiting process reads empty: name it on a later sample
+                        self.names[pid] = os.path.basename(name) if "/" in name else name
+            except OSError:
+                continue
+            into[pid] = (int(fields[11]) + int(fields[12])) / tick
+
+    def by_name(self) -> list[tuple[float, int, str]]:
+        """``(core-seconds, processes, name)``, most first, for what used over 0.1 s."""
+        spent: dict[str, float] = collections.defaultdict(float)
+        count: collections.Counter[str] = collections.Counter()
+        for pid, cpu in self.last.items():
+            used = cpu - self.start.get(pid, 0.0)
+            if used > 0.1:
+                name = self.names.get(pid, "?")
+                spent[name] += used
+                count[name] += 1
+        return sorted(((v, count[k], k) for k, v in spent.items()), reverse=True)
 
 
 def import_baseline() -> tuple[float, float]:
@@ -58,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--launches", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--per-process", action="store_true", help="CPU by process, last launch")
     args = parser.parse_args(argv)
     if args.launches < 1 or args.workers < 1:
         parser.error("--launches and --workers must be at least 1")
@@ -74,9 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     costs = []
     with tempfile.TemporaryDirectory(prefix="cmray-launch-") as storage:
         for i in range(args.launches):
-            wall, cpu = measured(lambda i=i: launch(args.workers, storage, f"launch{i}"))
+            clock = ProcessClock() if args.per_process and i == args.launches - 1 else None
+            with clock or contextlib.nullcontext():
+                wall, cpu = measured(lambda i=i: launch(args.workers, storage, f"launch{i}"))
             costs.append((wall, cpu))
             print(f"launch {i}: {wall:.1f} s wall, {cpu:.1f} core-s", flush=True)
+            for used, processes, name in clock.by_name() if clock else []:
+                print(f"  {used:5.1f} core-s  {processes} x {name}", flush=True)
     actors = sorted({a["ActorClassName"] for a in ray._private.state.actors().values()})
     ray.shutdown()
     wall = sorted(c[0] for c in costs)[len(costs) // 2]

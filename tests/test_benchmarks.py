@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import re
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +135,16 @@ def test_train_launch_counts_busy_time_and_refuses_a_run_of_nothing(import_bench
         bench.main(["--launches", "0"])
     assert exit_info.value.code == 2
     assert "--launches and --workers must be at least 1" in capsys.readouterr().err
+
+
+def test_the_launch_benchmark_charges_cpu_to_the_process_that_spent_it(import_benchmark):
+    bench = import_benchmark("train_launch")
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    with bench.ProcessClock(every_s=0.05) as clock:
+        child = subprocess.Popen([sys.executable, "-c", burn])
+        child.wait(60)
+        time.sleep(0.2)  # the sampler catches up
+    spent = clock.last[child.pid] - clock.start.get(child.pid, 0.0)
+    assert 0.4 <= spent <= 1.0  # its 0.6 s and start-up, less what ended between samples
+    assert clock.names[child.pid] == os.path.basename(sys.executable)
+    assert clock.names[child.pid] in {name for _, _, name in clock.by_name()}
