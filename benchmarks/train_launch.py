@@ -70,11 +70,12 @@ class ProcessClock:
             try:
                 with open(f"/proc/{pid}/stat") as fh:
                     fields = fh.read().rsplit(")", 1)[1].split()
-                if pid not in self.names:
-                    with open(f"/proc/{pid}/cmdline") as fh:
-                        name = fh.read().split("\0")[0]
-                    if name:  # an exiting process reads empty: name it on a later sample
-                        self.names[pid] = os.path.basename(name) if "/" in name else name
+                with open(f"/proc/{pid}/cmdline") as fh:
+                    name = fh.read().split("\0")[0]
+                # The latest name: a Ray worker starts as python and renames itself ray::Class
+                # once it becomes an actor; an exiting process reads empty.
+                if name:
+                    self.names[pid] = os.path.basename(name) if "/" in name else name
             except OSError:
                 continue
             into[pid] = (int(fields[11]) + int(fields[12])) / tick
