@@ -87,14 +87,11 @@ _ENDED_JOB = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 def orphaned_groups(groups: Iterable[Any], jobs: Iterable[Any], actors: Iterable[Any]) -> list[str]:
     """The placement groups, among the State API's ``groups``, that nothing can use or free:
     not detached, made by a job listed as ended, and with no actor of that job alive (a
-    detached actor of an ended job may own groups it still uses). ``actors``: the live ones."""
+    detached actor of an ended job may own groups it still uses). ``groups``: those not yet
+    removed; ``actors``: the live ones (both filtered by the State API query)."""
     ended = {j.job_id for j in jobs if j.job_id and str(j.status).split(".")[-1] in _ENDED_JOB}
     ended -= {a.job_id for a in actors}
-    return [
-        g.placement_group_id
-        for g in groups
-        if not g.is_detached and g.state != "REMOVED" and g.creator_job_id in ended
-    ]
+    return [g.placement_group_id for g in groups if not g.is_detached and g.creator_job_id in ended]
 
 
 def reclaim_orphaned_groups(log: Callable[[str], None] = print) -> list[str]:

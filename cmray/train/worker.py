@@ -169,6 +169,7 @@ def _maybe_kill_self(trainer: Trainer) -> None:
         _SIGTERM.wait(10.0)
 
 
+@functools.cache  # read after every report: parsed once a worker
 def _faults(steps: str, signals: str) -> dict[int, str]:
     """``{step: signal name}`` from the chaos variables: "6,9" with "TERM,KILL", or one name."""
     at = [int(v) for v in steps.split(",")]
