@@ -15,7 +15,10 @@ Scenarios (``--scenarios``, comma-separated):
 - ``periodic``: the same drain with ``run.preemption_checkpoint=false``: Ray restarts at the
   deadline, from the last periodic checkpoint (the baseline).
 - ``elastic``: ``run.num_workers=[1, 2]`` and no spare node: the run continues on one worker
-  with the same global batch, and grows back to two when a node is added.
+  with the same global batch, and grows back to two when a node is added. From the moment the
+  node is added, the one-worker group holds after each step (cmray's ``CMRAY_HOLD_SHRUNK_FILE``)
+  until Ray Train has grown it, so the run cannot end before it grows, however many steps
+  are left.
 
 Printed per scenario: seconds from the drain call to the first step trained after it, and
 steps lost (trained twice); the ratio line compares ``notice`` with ``periodic``. ``--json``
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -38,6 +42,7 @@ from typing import Any
 
 from cmray.config import apply_overrides, from_dict, read_config_file
 from cmray.train.config import TrainConfig
+from cmray.train.worker import HOLD_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 DRAIN_REASON = "DRAIN_NODE_REASON_PREEMPTION"
@@ -165,10 +170,12 @@ class Drill:
             raise outcome["error"]
         return {"log": read_log(log), "checkpoint": outcome["result"].checkpoint.path, **events}
 
-    def preempt(self, drain_at: int, deadline_s: float, grow_after: int = 0) -> Any:
+    def preempt(
+        self, drain_at: int, deadline_s: float, grow_after: int = 0, hold: Path | None = None
+    ) -> Any:
         """At step ``drain_at``, drain one worker's node, and remove it at the deadline, as the
         cloud reclaims it; with ``grow_after``, add a node that many steps after the run has
-        resumed (capacity coming back)."""
+        resumed (capacity coming back), first creating ``hold`` (the run's HOLD_ENV file)."""
 
         def interrupt(log: Path, events: dict[str, Any], running: Any) -> None:
             def past(step: int) -> bool:
@@ -188,6 +195,8 @@ class Drill:
                 step = resumed["step"] + grow_after
                 wait_for(lambda: past(step), f"step {step}", running)
                 events["grow_time"] = time.time()
+                if hold is not None:
+                    hold.touch()
                 self.add_node()
 
         return interrupt
@@ -289,16 +298,21 @@ def main(argv: list[str] | None = None) -> int:
             # Two nodes for the two workers, and a spare where the fixed-size group must restart
             # at full size; the elastic run has none, so it must shrink to go on.
             drill.resize(3 if kind == "preempt" else 2)
-            interrupt = None
+            interrupt, hold = None, work / f"{name}.hold"
             if kind == "preempt":
                 interrupt = drill.preempt(args.drain_at, args.deadline)
             elif kind == "grow":
-                interrupt = drill.preempt(args.drain_at, args.deadline, grow_after=args.grow_after)
+                interrupt = drill.preempt(args.drain_at, args.deadline, args.grow_after, hold)
             # A rerun into the same folder starts afresh: no old log lines, no run to resume.
             (work / f"{name}.jsonl").unlink(missing_ok=True)
             shutil.rmtree(work / "runs" / name, ignore_errors=True)
             started = time.perf_counter()
-            out = drill.run(cfg, work / f"{name}.jsonl", interrupt)
+            os.environ[HOLD_ENV] = str(hold)  # read as the run starts; the file comes later
+            try:
+                out = drill.run(cfg, work / f"{name}.jsonl", interrupt)
+            finally:
+                del os.environ[HOLD_ENV]
+                hold.unlink(missing_ok=True)
             out["seconds"] = time.perf_counter() - started
             if "drain_time" in out:
                 # A run growing back restarts from its last periodic checkpoint: not counted.

@@ -328,3 +328,26 @@ def test_chaos_variables_are_checked_in_the_driver_in_one_line(
         with pytest.raises(ConfigError, match=f"{FAULT_STEP_ENV}={steps} with") as info:
             _fault_env()
         assert "\n" not in str(info.value) and "accepted:" in str(info.value)
+
+
+def test_a_shrunk_group_holds_while_the_drill_file_exists_and_a_full_one_never(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The elastic drill's hold: it reaches the workers with the chaos variables, holds a
+    group below its maximum until the file goes, and never holds a group at full size."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from cmray.train.worker import HOLD_ENV, _fault_env, _maybe_hold_shrunk
+
+    hold = tmp_path / "elastic.hold"
+    monkeypatch.setenv(HOLD_ENV, str(hold))
+    assert _fault_env() == {HOLD_ENV: str(hold)}
+    hold.touch()
+    tick = time.perf_counter()
+    _maybe_hold_shrunk(SimpleNamespace(world_size=2), max_workers=2)  # type: ignore[arg-type]
+    assert time.perf_counter() - tick < 0.05
+    threading.Timer(0.5, hold.unlink).start()
+    _maybe_hold_shrunk(SimpleNamespace(world_size=1), max_workers=2)  # type: ignore[arg-type]
+    assert time.perf_counter() - tick >= 0.5 and not hold.exists()

@@ -56,12 +56,18 @@ FAULT_STEP_ENV, FAULT_ONCE_ENV = "CMRAY_KILL_AT_STEP", "CMRAY_KILL_ONCE_FILE"
 # preemption notice).
 FAULT_SIGNAL_ENV = "CMRAY_KILL_SIGNAL"
 FAULT_SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
+# Elastic drills: while this file exists, a group running below run.num_workers' maximum
+# waits after each report (up to HOLD_LIMIT_S), so that a run cannot end before the capacity
+# a drill has just added lets Ray Train grow it back: the drill waits on the event, not on
+# the run's having enough steps left.
+HOLD_ENV = "CMRAY_HOLD_SHRUNK_FILE"
+HOLD_LIMIT_S = 300.0
 
 
 def _fault_env() -> dict[str, str]:
     """The chaos variables set in the driver, for the run's workers: a worker's environment is
     the cluster's, fixed when Ray started, so they travel in the run's worker runtime env."""
-    names = (FAULT_STEP_ENV, FAULT_ONCE_ENV, FAULT_SIGNAL_ENV)
+    names = (FAULT_STEP_ENV, FAULT_ONCE_ENV, FAULT_SIGNAL_ENV, HOLD_ENV)
     env = {k: os.environ[k] for k in names if k in os.environ}
     if FAULT_STEP_ENV in env:  # checked here, where a mistake is one line, not a dead worker
         signals = env.get(FAULT_SIGNAL_ENV, "KILL")
@@ -169,6 +175,16 @@ def _maybe_kill_self(trainer: Trainer) -> None:
         _SIGTERM.wait(10.0)
 
 
+def _maybe_hold_shrunk(trainer: Trainer, max_workers: int) -> None:
+    path = os.environ.get(HOLD_ENV)
+    if path is None or trainer.world_size >= max_workers:
+        return
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    # A SIGTERM ends the hold: the loop must reach its next step to checkpoint and stop.
+    while os.path.exists(path) and not _SIGTERM.is_set() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 @functools.cache  # read after every report: parsed once a worker
 def _faults(steps: str, signals: str) -> dict[int, str]:
     """``{step: signal name}`` from the chaos variables: "6,9" with "TERM,KILL", or one name."""
@@ -207,6 +223,7 @@ def train_worker(config: dict[str, Any]) -> None:
             tracker.log_metrics(metrics, trainer.state.step)
         _report(trainer, metrics, save, grid, wait)
         _maybe_kill_self(trainer)
+        _maybe_hold_shrunk(trainer, cfg.run.max_workers)
 
     notice = RayPreemption(device) if cfg.run.preemption_checkpoint else None
     hooks = Hooks(report, sample if rank == 0 else None, quality_hook(trainer), notice)
