@@ -12,13 +12,17 @@ DATA ?= runs/data/digits16
 # names (hash-checked), then `uv sync --frozen` installs exactly the locked set, and cmray goes in
 # editable without build isolation, built by the locked setuptools. Nothing is resolved here.
 # UV_PYTHON_DOWNLOADS=never: the venv's own interpreter is the one to use, never a downloaded one.
+# --compile-bytecode: the .pyc files are written once here (about 20 s on 2 cores), not left to
+# first import, which a PYTHONDONTWRITEBYTECODE environment repeats in every process: every Ray
+# worker, actor and pipeline then compiled torch, Ray and mlflow again (6.5 s to import them
+# instead of 3.0 s).
 UV := UV_PYTHON_DOWNLOADS=never UV_PROJECT_ENVIRONMENT=$(VENV) $(BIN)/uv
 $(STAMP): uv.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing cmray and the locked stack into $(VENV) (a few minutes the first time; log: $(VENV)/install.log)"
 	{ $(PYTHON) infra/locked_requirement.py uv > $(VENV)/uv-requirement.txt \
 	  && $(BIN)/python -m pip install --require-hashes --no-deps -r $(VENV)/uv-requirement.txt \
-	  && $(UV) sync --frozen --no-install-project --extra dev --group install \
+	  && $(UV) sync --frozen --compile-bytecode --no-install-project --extra dev --group install \
 	  && $(UV) pip install --no-deps --no-build-isolation -e . ; } > $(VENV)/install.log 2>&1 \
 	  || { tail -n 40 $(VENV)/install.log; exit 1; }
 	$(BIN)/python -c "import cmray, torch, ray, mlflow, lpips, webdataset"

@@ -229,8 +229,11 @@ def test_make_installs_only_from_the_lock() -> None:
     stamp = re.search(r"^\$\(STAMP\): (.*)$", text, re.MULTILINE)
     assert stamp and "uv.lock" in stamp[1].split()  # a changed lock re-syncs the venv
     assert "infra/locked_requirement.py uv" in text and "--require-hashes" in text
+    # --compile-bytecode: each Ray worker process would otherwise compile what it imports.
     assert re.search(
-        r"\$\(UV\) sync --frozen --no-install-project --extra dev --group install", text
+        r"\$\(UV\) sync --frozen --compile-bytecode --no-install-project --extra dev "
+        r"--group install",
+        text,
     )
     assert re.search(r"\$\(UV\) pip install --no-deps --no-build-isolation -e \.", text)
     assert not re.search(r"pip install (?!--require-hashes|--no-deps)", text), "an unlocked install"
