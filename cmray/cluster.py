@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -11,14 +13,16 @@ from typing import Any
 
 def ray_init(num_cpus: int | None = None, log: Callable[[str], None] = print) -> dict[str, float]:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray with ``num_cpus`` CPUs (all,
-    when None or 0). Returns the cluster's total resources. Joining a cluster first frees the
-    reservations that Ray leaked there (:func:`reclaim_orphaned_groups`)."""
+    when None or 0). Returns the cluster's total resources. Joining a cluster frees the
+    reservations that Ray leaked there (:func:`reclaim_orphaned_groups`), at once and then
+    every RECLAIM_EVERY_S while the driver runs (:class:`Reclaimer`)."""
     import ray
 
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=True)
-            reclaim_orphaned_groups(log)
+            if reclaim_orphaned_groups(log) is not None:
+                Reclaimer(log)
         else:
             # "local": a new instance, never one another process happens to have running
             # (plain ray.init() joins the newest local cluster it finds).
@@ -94,29 +98,65 @@ def orphaned_groups(groups: Iterable[Any], jobs: Iterable[Any], actors: Iterable
     return [g.placement_group_id for g in groups if not g.is_detached and g.creator_job_id in ended]
 
 
-def reclaim_orphaned_groups(log: Callable[[str], None] = print) -> list[str]:
-    """Remove the placement groups that Ray leaked on this cluster; returns their IDs.
+def reclaim_orphaned_groups(log: Callable[[str], None] = print) -> list[str] | None:
+    """Remove the placement groups that Ray leaked on this cluster; returns their IDs, or None
+    when the State API cannot be asked (no dashboard), which ``log`` is told.
 
     Ray removes a job's placement groups when the job ends, but a group that one of the job's
     actors asks for while the job is being torn down (a Train controller restarting its worker
     group just as a killed search driver's job ends) is registered after that cleanup and
     keeps its CPUs and GPUs reserved until the cluster stops: the next search waits for ever.
     """
-    from ray.util import state
-
     try:
-        ask = {"limit": 10_000, "timeout": 10, "raise_on_missing_output": False}
-        groups = state.list_placement_groups(filters=[("state", "!=", "REMOVED")], **ask)
-        jobs = state.list_jobs(**ask) if groups else []
-        actors = state.list_actors(filters=[("state", "!=", "DEAD")], **ask) if groups else []
+        removed = _orphans()
     except Exception as exc:  # no dashboard, hence no State API: nothing can be checked
         log(f"note: could not look for leaked placement groups ({type(exc).__name__}: {exc})")
-        return []
-    removed = orphaned_groups(groups, jobs, actors)
+        return None
     for group_id in removed:
         remove_group(group_id)
         log(f"freed placement group {group_id}: left reserved by a job that has ended")
     return removed
+
+
+def _orphans() -> list[str]:
+    from ray.util import state
+
+    ask = {"limit": 10_000, "timeout": 10, "raise_on_missing_output": False}
+    groups = state.list_placement_groups(filters=[("state", "!=", "REMOVED")], **ask)
+    if not groups:
+        return []
+    jobs = state.list_jobs(**ask)
+    actors = state.list_actors(filters=[("state", "!=", "DEAD")], **ask)
+    return orphaned_groups(groups, jobs, actors)
+
+
+RECLAIM_EVERY_S = 10.0
+
+
+class Reclaimer:
+    """:func:`reclaim_orphaned_groups` every ``every_s`` on a daemon thread while the driver is
+    connected. The check at the start is not enough: a search resumed at once after its driver
+    was killed passes it before the dead job's leak is registered, seconds later, and would
+    then wait for ever on the CPUs the leak holds."""
+
+    def __init__(self, log: Callable[[str], None], every_s: float = RECLAIM_EVERY_S) -> None:
+        self.log, self.every_s, self.rounds = log, every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cmray-reclaim", daemon=True)
+        self._thread.start()
+        atexit.register(self.stop)  # runs before Ray's own exit handler: no call into a closed Ray
+
+    def _loop(self) -> None:
+        import ray
+
+        while not self._stop.wait(self.every_s) and ray.is_initialized():
+            if reclaim_orphaned_groups(self.log) is None:
+                return  # the State API went away (it said so once): the cluster is going
+            self.rounds += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
 
 
 def remove_group(group_id: str) -> None:

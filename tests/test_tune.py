@@ -199,6 +199,30 @@ def test_reclaiming_leaves_live_and_detached_groups_and_frees_one_by_id(ray_clus
     assert [gone[i] for i in ids] == ["REMOVED", "REMOVED"]
 
 
+@pytest.mark.slow
+def test_a_driver_keeps_reclaiming_while_it_runs_and_stops_with_it(ray_cluster: str) -> None:
+    """The reclaim goes on after the start, round after round on the real State API, leaves a
+    live group alone, and its thread ends when told (at the driver's exit)."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    from cmray.cluster import Reclaimer, remove_group
+
+    live = placement_group([{"CPU": 1}])
+    ray.get(live.ready(), timeout=60)
+    lines: list[str] = []
+    reclaimer = Reclaimer(lines.append, every_s=0.2)
+    try:
+        deadline = time.monotonic() + 60
+        while reclaimer.rounds < 2:
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.1)
+    finally:
+        reclaimer.stop()
+        remove_group(live.id.hex())
+    assert not reclaimer._thread.is_alive() and lines == []
+
+
 # --------------------------------------------------------------------------- toy students
 
 
@@ -307,7 +331,7 @@ def test_a_toy_search_survives_a_driver_crash_and_asha_frees_what_it_stops(
     assert float(rows[0]["ct.optim.lr"]) == 3.0e-3  # a learning rate 300x larger wins
     best = yaml.safe_load((search / "best_config.yaml").read_text())
     assert best["ct"]["optim"]["lr"] == 3.0e-3 and best["ct"]["optim"]["epochs"] == 30
-    assert reclaim_orphaned_groups() == []  # freed at the resumed start, if Ray leaked any
+    assert reclaim_orphaned_groups() == []  # freed by the resumed driver, if Ray leaked any
 
 
 @pytest.mark.slow
