@@ -90,11 +90,13 @@ _ENDED_JOB = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 
 def orphaned_groups(groups: Iterable[Any], jobs: Iterable[Any], actors: Iterable[Any]) -> list[str]:
     """The placement groups, among the State API's ``groups``, that nothing can use or free:
-    not detached, made by a job listed as ended, and with no actor of that job alive (a
-    detached actor of an ended job may own groups it still uses). ``groups``: those not yet
-    removed; ``actors``: the live ones (both filtered by the State API query)."""
+    not detached, made by a job listed as ended, and with no detached actor of that job alive
+    (one may own groups it still uses). The job's other actors do not count: Ray ends them
+    with the job, and one that the dying job asked for last can stay pending for ever, as the
+    leaked group's would-be worker did. ``groups``: those not yet removed; ``actors``: those
+    not dead (both filtered by the State API query)."""
     ended = {j.job_id for j in jobs if j.job_id and str(j.status).split(".")[-1] in _ENDED_JOB}
-    ended -= {a.job_id for a in actors}
+    ended -= {a.job_id for a in actors if a.is_detached is not False}  # unknown: kept
     return [g.placement_group_id for g in groups if not g.is_detached and g.creator_job_id in ended]
 
 
@@ -126,7 +128,7 @@ def _orphans() -> list[str]:
     if not groups:
         return []
     jobs = state.list_jobs(**ask)
-    actors = state.list_actors(filters=[("state", "!=", "DEAD")], **ask)
+    actors = state.list_actors(filters=[("state", "!=", "DEAD")], detail=True, **ask)
     return orphaned_groups(groups, jobs, actors)
 
 

@@ -154,7 +154,7 @@ def test_an_autoscaling_clusters_node_types_size_the_search(ray_cluster: str) ->
     assert max_concurrent(gpu, most) == 3
 
 
-def test_a_group_is_orphaned_only_when_its_job_ended_and_none_of_its_actors_lives() -> None:
+def test_a_group_is_orphaned_when_its_job_ended_and_no_detached_actor_of_it_lives() -> None:
     from types import SimpleNamespace as R
 
     from cmray.cluster import orphaned_groups
@@ -166,8 +166,11 @@ def test_a_group_is_orphaned_only_when_its_job_ended_and_none_of_its_actors_live
     groups += [group("owned", "02")]  # job 02 ended, but its detached actor may use the group
     jobs = [R(job_id="04", status="SUCCEEDED"), R(job_id="06", status="RUNNING")]
     jobs += [R(job_id="02", status="FAILED"), R(job_id=None, status="PENDING")]
-    actors = [R(job_id="02")]
+    # Job 04's last actor, asked for as the job ended, pending for ever: not a keeper.
+    actors = [R(job_id="02", is_detached=True), R(job_id="04", is_detached=False)]
     assert orphaned_groups(groups, jobs, actors) == ["leaked"]
+    unknown = [R(job_id="04", is_detached=None)]  # the State API did not say: kept
+    assert orphaned_groups(groups, jobs, unknown) == ["owned"]
     running = [R(job_id="04", status="JobStatus.RUNNING")]  # as an enum prints, too
     assert orphaned_groups(groups, running, actors) == []  # and a job not listed: kept
 
