@@ -65,8 +65,9 @@ HOLD_LIMIT_S = 300.0
 
 
 def _fault_env() -> dict[str, str]:
-    """The chaos variables set in the driver, for the run's workers: a worker's environment is
-    the cluster's, fixed when Ray started, so they travel in the run's worker runtime env."""
+    """The chaos and drill variables set in the driver, for the run's workers: a worker's
+    environment is the cluster's, fixed when Ray started, so they travel in the run's worker
+    runtime env."""
     names = (FAULT_STEP_ENV, FAULT_ONCE_ENV, FAULT_SIGNAL_ENV, HOLD_ENV)
     env = {k: os.environ[k] for k in names if k in os.environ}
     if FAULT_STEP_ENV in env:  # checked here, where a mistake is one line, not a dead worker
