@@ -53,6 +53,23 @@ def test_boundary_scalings_formulas():
     assert skip0[1].item() == pytest.approx(SD**2 / (0.25 + SD**2))
 
 
+def test_the_time_input_scale_reaches_the_network():
+    """c_noise = scale * ln t: the official 250 by default, any other scale when configured."""
+    seen = []
+
+    class Record(nn.Module):
+        def forward(self, x, cond):
+            seen.append(cond)
+            return torch.zeros_like(x)
+
+    t = torch.tensor([0.5, 4.0])
+    for scale in (250.0, 16.0):
+        f = ConsistencyFunction(Record(), Parametrization("edm", SD, EPS, T, scale))
+        f(torch.ones(2, 2), t)
+    torch.testing.assert_close(seen[0], 250.0 * torch.log(t))
+    torch.testing.assert_close(seen[1], 16.0 * torch.log(t))
+
+
 def test_linear_scalings_endpoints():
     skip, out, inp = linear_scalings(torch.tensor([EPS, (EPS + T) / 2, T, 2 * T]), EPS, T)
     assert skip.tolist() == [1.0, 0.5, 0.0, 0.0]

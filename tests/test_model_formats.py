@@ -190,6 +190,20 @@ def test_exported_unet_equals_cmray_and_imports_back_bit_exact(
     assert all(torch.equal(back["weights"][k], v) for k, v in weights.items())
 
 
+def test_export_refuses_a_time_input_diffusers_cannot_feed(tmp_path: Path, capsys) -> None:
+    """diffusers' scheduler always hands the network 250 ln sigma: a model trained on another
+    scale would sample another function there, so it gets one line and no directory."""
+    cfg, weights = random_model(next(iter(TOPOLOGIES.values())))
+    cfg.noise.c_noise_scale = 16.0
+    write_model_file(tmp_path / "m.pt", cfg, weights)
+    args = ["export", "diffusers", "--model", str(tmp_path / "m.pt"), "--out"]
+    assert main([*args, str(tmp_path / "pipe")]) == 2
+    assert "noise.c_noise_scale = 16.0" in capsys.readouterr().err
+    assert not (tmp_path / "pipe").exists()
+    model, back = load_model(tmp_path / "m.pt")
+    assert back.noise.c_noise_scale == 16.0 and model.parametrization.c_noise_scale == 16.0
+
+
 @pytest.mark.parametrize("topology", sorted(TOPOLOGIES))
 def test_the_pipeline_samples_what_cmray_samples(topology: str, tmp_path: Path) -> None:
     """One and two steps from the same latents (and, for two, the same second noise)."""

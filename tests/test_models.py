@@ -67,7 +67,7 @@ def test_the_model_layer_reads_no_layer_above_it() -> None:
     ],
 )
 def test_a_run_names_the_model_it_trains(objective: dict, N: int) -> None:
-    noise = {"sigma_min": 0.01, "sigma_max": 40.0, "rho": 5.0}
+    noise = {"sigma_min": 0.01, "sigma_max": 40.0, "rho": 5.0, "c_noise_scale": 16.0}
     cfg = from_dict(
         TrainConfig,
         {

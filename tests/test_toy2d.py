@@ -21,7 +21,7 @@ SHORT = [
     "cd.optim.epochs=200",
     "ct.optim.epochs=400",
     "ect.optim.epochs=300",
-    "sct.optim.epochs=200",
+    "sct.optim.epochs=800",
     "eval.num_samples=1000",
     "eval.reference_samples=2000",
     "eval.trajectories=8",
@@ -61,13 +61,26 @@ def test_short_run_reaches_the_quality_bar(short_run):
     assert ct1["energy_distance"] < 0.5 * broken["CT, 1 step"]["energy_distance"]
 
 
+def mean_distances(cfg, models, names, draws: int = 4) -> dict[str, float]:
+    """Energy distance averaged over fresh draws of 2,000 samples and references: one draw
+    of 1,000 moves by half the teacher's own figure from one noise to the next."""
+    ring, total = toy2d.toy.ring_of(cfg), dict.fromkeys(names, 0.0)
+    for d in range(draws):
+        reference = ring.sample(2000, torch.Generator().manual_seed(1000 + d))
+        z = torch.randn(2000, 2, generator=torch.Generator().manual_seed(2000 + d))
+        run = toy2d.samplers(cfg, models, z)
+        for name in names:
+            total[name] += energy_distance(run[name]().x, reference) / draws
+    return total
+
+
 @pytest.mark.slow
-def test_ect_and_sct_tuned_from_the_teacher_beat_ct(short_run):
-    """Measured on this budget (energy distance): teacher 0.028, CT 0.218, ECT 0.022, sCT 0.084,
-    and the teacher's own one-step map D(T z, T), where both start, 1.73. ECT meets the issue's
-    target, 1.5x the teacher; sCT does not (3x; see benchmarks/RESULTS.md)."""
+def test_ect_and_sct_tuned_from_the_teacher_reach_it(short_run):
+    """Measured on this budget (mean of 8 draws of 2,000): teacher 0.0228, CT 0.227, ECT 0.0161
+    (0.70x), sCT 0.0248 (1.08x; 1.61x at half the epochs), and the teacher's own one-step map
+    D(T z, T), where both start, 1.73. The issue's target: within 1.5x of the teacher."""
     cfg, out, by_name = short_run
-    teacher, ct1 = by_name["teacher"], by_name["CT, 1 step"]
+    ct1 = by_name["CT, 1 step"]
     models = toy2d.load_models(cfg, out / "models.pt")
     start = sample_onestep(models.teacher, torch.randn(1000, 2), cfg.noise.sigma_max).x
     reference = toy2d.toy.ring_of(cfg).sample(1000, torch.Generator().manual_seed(9))
@@ -77,8 +90,11 @@ def test_ect_and_sct_tuned_from_the_teacher_beat_ct(short_run):
         assert student["nfe"] == 1 and student["modes_hit"] >= 7, student
         assert student["energy_distance"] < 0.5 * ct1["energy_distance"], (name, student)
         assert student["energy_distance"] < 0.1 * start_distance, (name, start_distance)
-    assert by_name["ECT, 1 step"]["energy_distance"] < 1.5 * teacher["energy_distance"]
-    assert by_name["sCT, 1 step"]["energy_distance"] < 4 * teacher["energy_distance"]
+    teacher = next(iter(toy2d.samplers(cfg, models, torch.zeros(1, 2))))  # the 99-step solve
+    names = [teacher, "ECT, 1 step", "sCT, 1 step"]
+    mean = mean_distances(cfg, models, names)
+    assert mean["ECT, 1 step"] < 1.5 * mean[teacher], mean
+    assert mean["sCT, 1 step"] < 1.5 * mean[teacher], mean
 
 
 @pytest.mark.slow

@@ -33,9 +33,19 @@ def c_in(t: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
     return 1.0 / torch.sqrt(t**2 + sigma_data**2)
 
 
-def c_noise(t: torch.Tensor) -> torch.Tensor:
-    """Network time input of the official code: c_noise(t) = 1000 * 0.25 * ln(t + 1e-44)."""
-    return 1000.0 * 0.25 * torch.log(t + 1e-44)
+# The official consistency-models code's c_noise scale, 1000 * 1/4 (EDM Table 1 has 1/4).
+OFFICIAL_C_NOISE_SCALE = 250.0
+
+
+def c_noise(t: torch.Tensor, scale: float = OFFICIAL_C_NOISE_SCALE) -> torch.Tensor:
+    """EDM Table 1 (network time input): c_noise(t) = scale * ln(t + 1e-44), scale 1/4 in EDM
+    and 1000/4 in the official consistency-models code.
+
+    sCM (Lu & Song 2024, Sec. 4.1) differentiates F in t, and the sinusoidal time features
+    at frequency w then move w * scale per unit ln t: a fast time input makes dF/dt the
+    derivative of the highest frequencies, not of the function.
+    """
+    return scale * torch.log(t + 1e-44)
 
 
 def boundary_scalings(
@@ -64,7 +74,8 @@ class Network(Protocol):
 class Parametrization:
     """Which scalings wrap F, and the noise range they live on.
 
-    kind "edm":    paper Appendix C scalings; c_noise = 250 ln t (official code).
+    kind "edm":    paper Appendix C scalings; c_noise = c_noise_scale * ln t (official code:
+                   250).
     kind "linear": tutorial Eq. 18 blend; the network sees raw x and raw t.
     sigma_min = 0 turns "edm" into the EDM teacher's denoiser preconditioning.
     """
@@ -73,6 +84,7 @@ class Parametrization:
     sigma_data: float = 0.5
     sigma_min: float = 0.002
     sigma_max: float = 80.0
+    c_noise_scale: float = OFFICIAL_C_NOISE_SCALE
 
     def scalings(self, t: torch.Tensor) -> Scalings:
         if self.kind == "edm":
@@ -80,7 +92,7 @@ class Parametrization:
         return linear_scalings(t, self.sigma_min, self.sigma_max)
 
     def noise_cond(self, t: torch.Tensor) -> torch.Tensor:
-        return c_noise(t) if self.kind == "edm" else t
+        return c_noise(t, self.c_noise_scale) if self.kind == "edm" else t
 
 
 class ConsistencyFunction(nn.Module):

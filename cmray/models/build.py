@@ -12,7 +12,7 @@ def parametrization(kind: str, noise: NoiseConfig, sigma_data: float) -> Paramet
     """Appendix C scalings for f_theta; sigma_min = 0 gives the EDM denoiser D (teacher), which
     ECT and sCM students keep (f(x, 0) = x; for sCM it is TrigFlow's f)."""
     sigma_min = 0.0 if kind in ZERO_BOUNDARY else noise.sigma_min
-    return Parametrization("edm", sigma_data, sigma_min, noise.sigma_max)
+    return Parametrization("edm", sigma_data, sigma_min, noise.sigma_max, noise.c_noise_scale)
 
 
 def build_model(cfg: ModelConfig) -> ConsistencyFunction:

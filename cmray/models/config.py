@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cmray.config import ConfigError, from_dict, param
+from cmray.core.parametrization import OFFICIAL_C_NOISE_SCALE
 from cmray.core.trigflow import T_MID as TRIGFLOW_T_MID
 from cmray.nets.unet import UNetConfig
 
@@ -23,6 +24,12 @@ class NoiseConfig:
     sigma_min: float = param(0.002, help="eps: the smallest noise level", gt=0)
     sigma_max: float = param(80.0, help="T: the largest noise level", gt=0)
     rho: float = param(7.0, help="Karras grid curvature", gt=0)
+    c_noise_scale: float = param(
+        OFFICIAL_C_NOISE_SCALE,
+        help="the network's time input c_noise = scale * ln sigma (official CM code and its "
+        "checkpoints: 250; EDM: 0.25)",
+        gt=0,
+    )
 
     def __post_init__(self) -> None:
         if self.sigma_min >= self.sigma_max:

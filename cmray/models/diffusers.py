@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from cmray.core.parametrization import OFFICIAL_C_NOISE_SCALE
 from cmray.models.config import ModelConfig, NoiseConfig
 from cmray.models.files import ModelSourceError, read_model, write_model_file
 from cmray.nets.unet import GROUPS, UNet, UNetConfig
@@ -215,6 +216,12 @@ def export_diffusers(source: str, out: str | os.PathLike[str]) -> Path:
             f"{source}: a {cfg.kind} model keeps EDM's scalings (f(x, 0) = x); diffusers' "
             "consistency scheduler shifts them by sigma_min, so it would sample another "
             "function; accepted kinds: cd, ct (sample this one with cmray sample)"
+        )
+    if cfg.noise.c_noise_scale != OFFICIAL_C_NOISE_SCALE:
+        raise ModelSourceError(
+            f"{source}: noise.c_noise_scale = {cfg.noise.c_noise_scale}; diffusers' consistency "
+            f"scheduler feeds the network {OFFICIAL_C_NOISE_SCALE:g} ln sigma, so only "
+            f"{OFFICIAL_C_NOISE_SCALE:g} is accepted (sample this one with cmray sample)"
         )
     unet = UNet2DModel(**unet2d_config(cfg.net))
     unet.load_state_dict(to_diffusers_weights(cfg.net, _unet_weights(weights)))

@@ -94,11 +94,12 @@ def parametrization(kind: str, cfg: Toy2DConfig, sigma_min: float | None = None)
     """Scalings on the run's noise range, with sigma_data taken from the ring itself."""
     ring = ring_of(cfg)
     eps = cfg.noise.sigma_min if sigma_min is None else sigma_min
-    return Parametrization(kind, ring.sigma_data(), eps, cfg.noise.sigma_max)  # type: ignore[arg-type]
+    noise = cfg.noise
+    return Parametrization(kind, ring.sigma_data(), eps, noise.sigma_max, noise.c_noise_scale)  # type: ignore[arg-type]
 
 
 def make_consistency_net(kind: str, net: NetConfig, cfg: Toy2DConfig) -> ConsistencyFunction:
-    # "linear" hands F the raw t, "edm" hands it c_noise = 250 ln t (already logarithmic).
+    # "linear" hands F the raw t, "edm" hands it c_noise = noise.c_noise_scale * ln t.
     return ConsistencyFunction(
         build_net(net, log_time=kind == "linear"), parametrization(kind, cfg)
     )
