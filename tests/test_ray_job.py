@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -23,23 +24,30 @@ BIN = str(Path(sys.executable).parent)
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A head node with 2 CPUs and the job server; yields the dashboard address.
 
-    Token authentication on, as on a real cluster: ``ray start`` writes the token to
-    ~/.ray/auth_token, and clients with RAY_AUTH_MODE=token send it.
+    Token authentication on, as on a real cluster: ``ray start`` with RAY_AUTH_MODE=token
+    needs a token already there (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)
+    and clients send the same. A fresh machine has none, so the module makes its own file
+    rather than write into the home directory.
     """
-    log = tmp_path_factory.mktemp("head") / "head.log"
-    saved_mode = os.environ.get("RAY_AUTH_MODE")
+    root = tmp_path_factory.mktemp("head")
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
     os.environ["RAY_AUTH_MODE"] = "token"
+    default = Path.home() / ".ray" / "auth_token"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or saved["RAY_AUTH_TOKEN_PATH"] or default.is_file()):
+        (root / "auth_token").write_text(secrets.token_hex(32))
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(root / "auth_token")
     try:
-        head = start_ray_head(log, 2, dict(os.environ))
+        head = start_ray_head(root / "head.log", 2, dict(os.environ))
         try:
             yield head.dashboard
         finally:
             head.stop()
     finally:
-        if saved_mode is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved_mode
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def submit(address: str, *entrypoint: str) -> subprocess.CompletedProcess:
