@@ -102,8 +102,6 @@ def test_a_drained_node_loses_no_step_and_an_elastic_run_shrinks_and_grows_back(
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     drill = json.loads(out.read_text())
-    # A report every step paces these runs to the controller's poll, and rank 0 says so.
-    assert "waiting for Ray Train's controller to read reports" in done.stdout
 
     notice, elastic = drill["notice"], drill["elastic"]
     steps = [e["step"] for e in notice["log"]]
