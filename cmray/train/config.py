@@ -89,7 +89,9 @@ class SCMConfig:
         "jvp", help="dF/dt by torch.func.jvp (exact) or a central finite difference"
     )
     fd_eps: float = param(
-        1e-4, help="fd: step along the tangent (c_noise = 250 ln sigma moves fast)", gt=0
+        1e-4,
+        help="fd: step along the tangent (the default c_noise, 250 ln sigma, moves fast)",
+        gt=0,
     )
     prior_weight: bool = param(False, help="multiply the loss by 1/sigma (sCM's prior weight)")
 
