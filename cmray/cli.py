@@ -172,10 +172,11 @@ def _sample_command(args: argparse.Namespace) -> int:
 
     import cmray.tracking  # noqa: F401 - registers MLflow model URIs as model sources
     from cmray.core.sampling import class_labels, in_batches
-    from cmray.eval.images import save_grid
+    from cmray.eval.images import sample_format, save_samples
     from cmray.models import load_model
 
     try:
+        sample_format(args.out)
         f, cfg = load_model(args.model, args.device)
     except (OSError, ValueError) as exc:
         print(f"sample error: {exc}", file=sys.stderr)
@@ -191,9 +192,13 @@ def _sample_command(args: argparse.Namespace) -> int:
         return 2
     f = in_batches(f, args.batch, None if labels is None else labels.to(args.device))
     x, nfe = _draw(f, cfg, z, gen, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(x.cpu(), args.out)
-    print(f"wrote {args.num} samples ({nfe} NFE each) to {args.out}")
+    try:
+        fmt = save_samples(x.cpu(), args.out)
+    except (OSError, ValueError) as exc:
+        print(f"sample error: {exc}", file=sys.stderr)
+        return 2
+    what = {"grid": "a grid", "npz": "arr_0, N x H x W x C uint8", "pngs": "one PNG each"}[fmt]
+    print(f"wrote {args.num} samples ({nfe} NFE each) to {args.out} ({what})")
     return 0
 
 
@@ -301,7 +306,12 @@ def _add_model_parsers(sub: argparse._SubParsersAction) -> None:
     )
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="cpu", help="cpu or cuda")
-    sample.add_argument("--out", required=True, type=Path)
+    sample.add_argument(
+        "--out",
+        required=True,
+        help="FILE.png: one grid; FILE.npz: arr_0 as N x H x W x C uint8 (openai's reference "
+        "evaluator); DIR/: one PNG per sample (EDM's fid.py, clean-fid, torch-fidelity)",
+    )
     sample.set_defaults(run=_sample_command)
     sample.add_argument(
         "--class",

@@ -248,3 +248,33 @@ def test_class_conditional_sampling_takes_a_class_or_draws_them(
     args = ["sample", "--model", str(tmp_path / "u.pt"), "--out", str(tmp_path / "u.png")]
     assert main([*args, "--class", "1"]) == 2
     assert "this model is unconditional" in capsys.readouterr().err
+
+
+def test_samples_for_other_scorers_npz_and_png_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """FILE.npz holds arr_0 as N x H x W x C uint8 (openai's reference evaluator reads it);
+    DIR/ holds one PNG per sample, the same pixels; a grid and both agree on the noise."""
+    import numpy as np
+    from PIL import Image
+
+    cfg, weights = _tiny_model()
+    write_model_file(tmp_path / "m.pt", cfg, weights)
+    base = ["sample", "--model", str(tmp_path / "m.pt"), "--num", "3", "--out"]
+    assert main([*base, str(tmp_path / "s.npz")]) == 0
+    arr = np.load(tmp_path / "s.npz")["arr_0"]
+    res, ch = cfg.net.resolution, cfg.net.in_channels
+    assert arr.shape == (3, res, res, ch) and arr.dtype == np.uint8
+    assert main([*base, str(tmp_path / "pngs") + "/"]) == 0
+    files = sorted((tmp_path / "pngs").iterdir())
+    assert [f.name for f in files] == ["00000.png", "00001.png", "00002.png"]
+    first = np.asarray(Image.open(files[0]))
+    np.testing.assert_array_equal(first.reshape(arr[0].shape), arr[0])
+    assert "one PNG each" in capsys.readouterr().out
+    # A non-empty directory is refused whole; an unknown suffix names what is accepted.
+    assert main([*base, str(tmp_path / "pngs") + "/"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main([*base, str(tmp_path / "s.jpg")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "FILE.npz" in line and "DIR/" in line and not (tmp_path / "s.jpg").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

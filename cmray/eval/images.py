@@ -1,4 +1,4 @@
-"""Writing image tensors to files (sample grids, editing panels).
+"""Writing image tensors to files (sample grids, editing panels, samples for other scorers).
 
 Every grid cmray writes (files, MLflow images, editing panels) shows each image at least
 ``MIN_TILE`` pixels wide, enlarged by an integer nearest-neighbour factor: a 16x16 digit drawn
@@ -11,6 +11,10 @@ from __future__ import annotations
 import io
 import math
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -49,3 +53,68 @@ def grid_png(images: torch.Tensor) -> bytes:
     buffer = io.BytesIO()
     save_grid(images, buffer)
     return buffer.getvalue()
+
+
+def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] images [N, C, H, W] as uint8 [N, H, W, C], rounded as every grid is."""
+    unit = images.detach().float().cpu().add(1).div(2).clamp(0, 1)
+    return unit.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def sample_format(out: str | os.PathLike[str]) -> str:
+    """How ``--out`` is written: ``npz`` (FILE.npz), ``pngs`` (DIR/, or an existing directory)
+    or ``grid`` (FILE.png); anything else is a ``ValueError`` naming what is accepted."""
+    text = os.fspath(out)
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        return "pngs"
+    suffix = Path(text).suffix.lower()
+    if suffix in (".npz", ".png"):
+        return "npz" if suffix == ".npz" else "grid"
+    raise ValueError(
+        f"--out {text}: accepted: FILE.png (a grid), FILE.npz (arr_0: N x H x W x C uint8) or "
+        "DIR/ (one PNG per sample)"
+    )
+
+
+def save_samples(images: torch.Tensor, out: str | os.PathLike[str]) -> str:
+    """Write [-1, 1] samples as :func:`sample_format` says, all at once or not at all: the
+    reference evaluator of openai/guided-diffusion reads the ``.npz`` (``arr_0``), and EDM's
+    ``fid.py``, clean-fid and torch-fidelity read a directory of PNGs. Returns the format."""
+    fmt, path = sample_format(out), Path(out)
+    if fmt == "pngs" and path.exists() and any(path.iterdir()):
+        raise ValueError(f"--out {out}: the directory is not empty; give a new or empty one")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "grid":
+        _atomic_file(path, lambda f: save_grid(images, f))
+    elif fmt == "npz":
+        _atomic_file(path, lambda f: np.savez(f, arr_0=to_uint8_nhwc(images)))
+    else:
+        _atomic_pngs(to_uint8_nhwc(images), path)
+    return fmt
+
+
+def _atomic_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    # A rename in the same directory: a reader never sees half a file under ``path``.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_pngs(arrays: np.ndarray, path: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part"))
+    try:
+        width = max(5, len(str(len(arrays) - 1)))
+        for i, array in enumerate(arrays):
+            image = array[..., 0] if array.shape[-1] == 1 else array
+            Image.fromarray(image).save(tmp / f"{i:0{width}d}.png", format="png")
+        if path.exists():
+            path.rmdir()  # empty, checked above
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
