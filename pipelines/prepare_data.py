@@ -6,8 +6,10 @@
     python pipelines/prepare_data.py --config configs/prepare_lsun_bedroom256.yaml
 
 Sources: ``lmdb:PATH`` (an official LSUN export), ``folder:PATH`` (recursive), ``digits``
-(scikit-learn's bundled handwritten digits, no download). Shards are converted by Ray tasks,
-one per CPU of the local Ray or of the cluster named by RAY_ADDRESS (``--workers -1``: no Ray).
+(scikit-learn's bundled handwritten digits, no download), ``fashion-mnist[:PATH]`` (the
+official idx.gz files: Debian's dataset-fashion-mnist, PATH, or downloaded once; the class
+labels go into each sample's ``.cls``). Shards are converted by Ray tasks, one per CPU of the
+local Ray or of the cluster named by RAY_ADDRESS (``--workers -1``: no Ray).
 Re-running the same command resumes an interrupted run; the manifest is written last.
 """
 
@@ -28,7 +30,7 @@ FLAGS = ("source", "out", "resolution", "name", "encoding", "quality", "resample
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_args(parser)  # a YAML file of these settings; the flags below beat it
-    parser.add_argument("--source", help="lmdb:PATH, folder:PATH or digits")
+    parser.add_argument("--source", help="lmdb:PATH, folder:PATH, digits or fashion-mnist[:PATH]")
     parser.add_argument("--out", help="directory or URL for shards + manifest")
     parser.add_argument("--resolution", type=int, help="R: output is R x R")
     parser.add_argument("--name", help="shard prefix (default: data)")

@@ -156,7 +156,7 @@ def test_lmdb_source_chunks_cover_the_keys_in_order(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("spec", ["bogus", "lmdb:", "folder", "digits:x", "s3://x"])
 def test_unknown_source_specs_are_refused(spec: str) -> None:
-    with pytest.raises(ConfigError, match="lmdb:PATH, folder:PATH or digits"):
+    with pytest.raises(ConfigError, match="lmdb:PATH, folder:PATH, digits or fashion-mnist"):
         parse_source(spec)
 
 

@@ -12,7 +12,9 @@ from cmray.config import ConfigError, param
 class PrepareConfig:
     """``pipelines/prepare_data.py``: one source to shards plus ``manifest.json`` at ``out``."""
 
-    source: str = param("digits", help="lmdb:PATH (LSUN export), folder:PATH, or digits")
+    source: str = param(
+        "digits", help="lmdb:PATH (LSUN export), folder:PATH, digits, or fashion-mnist[:PATH]"
+    )
     out: str = param("", help="output directory or URL (s3://bucket/prefix, gs://...)")
     resolution: int = param(
         256, help="R: short side to R with BOX, then a central R x R crop", ge=1, le=8192

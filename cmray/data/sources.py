@@ -22,7 +22,7 @@ from PIL import Image
 from cmray.config import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-SOURCE_FORMS = "lmdb:PATH, folder:PATH or digits"
+SOURCE_FORMS = "lmdb:PATH, folder:PATH, digits or fashion-mnist[:PATH]"
 
 # One source record: a stable key, the image (encoded bytes or a PIL image) and a class label.
 Record = tuple[str, "bytes | Image.Image", "int | None"]
@@ -43,7 +43,7 @@ class Source(Protocol):
         ...
 
 
-def _even_chunks(n: int, size: int) -> list[Chunk]:
+def even_chunks(n: int, size: int) -> list[Chunk]:
     return [{"start": s, "count": min(size, n - s)} for s in range(0, n, size)]
 
 
@@ -62,7 +62,7 @@ class DigitsSource:
         return len(self._data().target)
 
     def chunks(self, size: int) -> list[Chunk]:
-        return _even_chunks(len(self), size)
+        return even_chunks(len(self), size)
 
     def head(self, n: int) -> Iterator[Record]:
         return self.read({"start": 0, "count": min(n, len(self))})
@@ -107,7 +107,7 @@ class FolderSource:
         # The file names travel with the chunk so tasks never re-list millions of files.
         return [
             dict(c, files=files[c["start"] : c["start"] + c["count"]])
-            for c in _even_chunks(len(files), size)
+            for c in even_chunks(len(files), size)
         ]
 
     def head(self, n: int) -> Iterator[Record]:
@@ -168,10 +168,15 @@ class LmdbSource:
 
 
 def parse_source(spec: str) -> Source:
-    """``lmdb:PATH``, ``folder:PATH`` or ``digits`` to a source; a one-line error otherwise."""
+    """``lmdb:PATH``, ``folder:PATH``, ``digits`` or ``fashion-mnist[:PATH]`` to a source; a
+    one-line error otherwise."""
     kind, _, path = spec.partition(":")
     if kind == "digits" and not path:
         return DigitsSource()
+    if kind == "fashion-mnist":
+        from cmray.data.fashion import FashionMNISTSource
+
+        return FashionMNISTSource(path)
     if kind in ("lmdb", "folder") and path:
         return LmdbSource(path) if kind == "lmdb" else FolderSource(path)
     raise ConfigError(f"source {spec!r} is not one of {SOURCE_FORMS}", key="source")
