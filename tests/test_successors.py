@@ -422,3 +422,35 @@ def test_the_init_must_have_the_students_shape_but_may_train_with_other_dropout(
     cfg.net.channel_mult = [1, 1]
     with pytest.raises(ValueError, match=r"differs in \{'channel_mult': \[1, 1\]\}"):
         build_trainer(cfg, torch.device("cpu"))
+
+
+def test_the_init_must_take_the_students_time_input(digits16: str, edm_file: str) -> None:
+    """Weights trained on c_noise = 250 ln sigma read another scale as another input: a student
+    set to another scale than the model it starts from is refused, naming both."""
+    from cmray.train.loop import build_trainer
+
+    cfg = successor_config(digits16, edm_file, "sct")
+    cfg.objective.noise.c_noise_scale = 0.25
+    with pytest.raises(ValueError, match=r"time input 250 ln sigma.*c_noise_scale = 0\.25"):
+        build_trainer(cfg, torch.device("cpu"))
+
+
+def test_ect_stages_end_at_the_final_gap_and_the_gap_weight_divides_by_t_minus_r() -> None:
+    """Eight stages over the run (the last held past its end), and w = 1 / (t - r) on the l2
+    norm: locuslab/ect's main-branch loss, ||f(x_t, t) - f(x_r, r)|| / (t - r)."""
+    from cmray.train.config import ECTConfig
+    from cmray.train.objectives import ect_stage
+
+    cfg = ECTConfig(init="x")
+    assert [ect_stage(cfg, k, 400) for k in (0, 49, 50, 399, 10_000)] == [0, 0, 1, 7, 7]
+    assert ect_stage(ECTConfig(init="x", stage_steps=10), 10_000, 400) == 7
+    x0, z = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    t = torch.tensor([0.3, 1.0, 5.0], dtype=torch.float64)
+    r = losses.ect_r(t, 3, q=2.0)
+
+    def f(x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        return x * (1 + time[:, None])
+
+    got = losses.ect_loss(f, f, x0, z, t, r, 0.0, SD, weighting="gap")
+    expected = (f(x0 + t[:, None] * z, t) - f(x0 + r[:, None] * z, r)).norm(dim=1) / (t - r)
+    torch.testing.assert_close(got, expected)

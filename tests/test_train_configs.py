@@ -166,3 +166,25 @@ def test_sigterm_checkpoints_the_step_and_a_rerun_continues_from_it(
     again = run_digits(digits16, tmp_path, ["--local"], 300, **{"loop.steps": step + 1})
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"at step {step}" in again.stdout and f"step {step + 1} " in again.stdout
+
+
+def test_the_defaults_are_published_recipes() -> None:
+    """Without settings, CT is iCT (10 doubling to 1280, pseudo-Huber with c = 0.00054 sqrt(d),
+    lambda = 1 / (sigma_{n+1} - sigma_n), no EMA target) and ECT is locuslab/ect's main branch
+    (q = 2 over 8 stages, w = 1 / (t - r), c = 0); ``curriculum: ct`` alone gives the paper's
+    2 to 150; a model file records the grid of the bounds in use."""
+    from cmray.train.curriculum import ct_curriculum
+
+    base = ["data.manifest=m.json"]
+    ict = load_config(TrainConfig, None, base)
+    obj = ict.objective
+    assert (obj.kind, obj.ct.bounds, obj.distance, obj.lambda_name) == (
+        "ct", (10, 1280), "pseudo_huber", "ict"
+    )  # fmt: skip
+    assert ct_curriculum(obj.ct, 0, 100) == (11, 0.0) and ct_curriculum(obj.ct, 100, 100)[0] == 1281
+    assert ict.model_config().N == 1281
+    paper = load_config(TrainConfig, None, [*base, "objective.ct.curriculum=ct"]).objective
+    assert (paper.ct.bounds, paper.distance, paper.lambda_name) == ((2, 150), "l2", "uniform")
+    ect = load_config(TrainConfig, None, [*base, "objective.kind=ect", "objective.ect.init=x"])
+    e = ect.objective.ect
+    assert (e.q, e.stages, e.weighting, e.c, e.q**e.stages) == (2.0, 8, "gap", 0.0, 256.0)

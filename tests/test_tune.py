@@ -68,7 +68,7 @@ def test_shipped_tune_configs_plan(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ({"key": "ct.s0", "values": [0, 10]}, "space ct.s0 = 0: ct.s0 = 0 is out of range"),
+        ({"key": "ct.s0", "values": [-1, 10]}, "space ct.s0 = -1: ct.s0 = -1 is out of range"),
         ({"key": "ct.metric", "values": ["lpips"]}, "choose one of: l2, l1, pseudo_huber"),
         ({"key": "ct.sX", "values": [1]}, "unknown key 'ct.sX'"),
         ({"key": "ct.mu0", "kind": "uniform", "low": 0.9, "high": 1.5}, "ct.mu0 = 1.5"),
@@ -95,7 +95,7 @@ def test_an_image_search_needs_a_quality_figure(tmp_path: Path) -> None:
 
 def test_the_pipeline_rejects_a_bad_config_in_one_line(tmp_path: Path) -> None:
     path = tmp_path / "t.yaml"
-    path.write_text(yaml.safe_dump(toy_tune(space=[{"key": "ct.s0", "values": [0]}])))
+    path.write_text(yaml.safe_dump(toy_tune(space=[{"key": "ct.s0", "values": [-1]}])))
     proc = subprocess.run(
         [sys.executable, str(ROOT / "pipelines" / "tune.py"), "--config", str(path)],
         capture_output=True,
@@ -105,7 +105,7 @@ def test_the_pipeline_rejects_a_bad_config_in_one_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "config error: space ct.s0 = 0: ct.s0 = 0 is out of range; accepted: value >= 1"
+        "config error: space ct.s0 = -1: ct.s0 = -1 is out of range; accepted: value >= 0"
     ]
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
 

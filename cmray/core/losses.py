@@ -137,8 +137,17 @@ def ect_r(t: torch.Tensor, stage: int, q: float = 4.0, k: float = 8.0, b: float 
 
 
 def ect_weight(t: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
-    """ECT weighting ("SNR + k"): w(t) = 1 / t^2 + 1 / sigma_data^2."""
+    """ECT weighting "snrpk" (its ImageNet code, after EDM2): w(t) = 1 / t^2 + 1 / sigma_d^2."""
     return 1.0 / t**2 + 1.0 / sigma_data**2
+
+
+def ect_weight_gap(t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """ECT weighting w(t, r) = 1 / (t - r) (paper Sec. 3; its CIFAR-10 code, main branch):
+    with the l2 norm, the loss is a finite-difference estimate of ||df/dt||."""
+    return 1.0 / (t - r)
+
+
+ECT_WEIGHTINGS = ("gap", "snrpk")
 
 
 def ect_target(
@@ -159,15 +168,18 @@ def ect_loss(
     r: torch.Tensor,
     c: float = 0.0,
     sigma_data: float = 0.5,
+    weighting: str = "snrpk",
 ) -> torch.Tensor:
-    """ECT loss: w(t) (sqrt(||f(x_t, t) - stopgrad f(x_r, r)||^2 + c^2) - c), the same z for
-    x_t and x_r and the same dropout mask in both calls; c = 0 is the plain l2 norm."""
+    """ECT loss: w (sqrt(||f(x_t, t) - stopgrad f(x_r, r)||^2 + c^2) - c), the same z for x_t
+    and x_r and the same dropout mask in both calls; c = 0 is the plain l2 norm; w is
+    ``weighting``: "gap" 1 / (t - r) or "snrpk" 1 / t^2 + 1 / sigma_d^2."""
     t, r = t.to(device=x0.device, dtype=x0.dtype), r.to(device=x0.device, dtype=x0.dtype)
     rng = capture_rng_state(x0.device)
     online = f_online(x0 + per_sample(t, x0) * z, t)
     restore_rng_state(rng)
     target = ect_target(f_target, x0, z, r)
-    return ect_weight(t, sigma_data) * pseudo_huber(online, target, c)
+    w = ect_weight_gap(t, r) if weighting == "gap" else ect_weight(t, sigma_data)
+    return w * pseudo_huber(online, target, c)
 
 
 def boundary_loss(

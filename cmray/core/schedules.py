@@ -89,6 +89,18 @@ def ct_schedule(
     return N, ct_mu(N, s0, mu0, variant)
 
 
+# Each curriculum's published discretisation (s0, s1): iCT (Song and Dhariwal 2023, Sec. 3.4,
+# 10 doubling to 1280) and the paper's CT (openai/consistency_models' CIFAR-10 and LSUN launch
+# commands, 2 to 150).
+CT_PUBLISHED = {"ict": (10, 1280), "ct": (2, 150)}
+
+
+def ct_bounds(curriculum: str, s0: int = 0, s1: int = 0) -> tuple[int, int]:
+    """(s0, s1) of a curriculum, where 0 stands for its published value."""
+    published = CT_PUBLISHED[curriculum]
+    return s0 or published[0], s1 or published[1]
+
+
 def ict_N(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
     """iCT exponential curriculum, Song & Dhariwal 2023 Sec. 3.4.
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from cmray.config import ConfigError, from_dict, param
 from cmray.core.parametrization import OFFICIAL_C_NOISE_SCALE
+from cmray.core.schedules import ct_bounds
 from cmray.core.trigflow import T_MID as TRIGFLOW_T_MID
 from cmray.nets.unet import UNetConfig
 
@@ -49,6 +50,7 @@ CONTINUOUS_GRID = 40
 # Default two-step middle noise levels: sCM's t_mid = 1.1 as sigma_d tan(1.1) (computed per
 # model), and ECT's released CIFAR-10 sampler's 0.821.
 ECT_TWO_STEP_SIGMA = 0.821
+CT_KEYS = ("curriculum", "s0", "s1")
 
 
 @dataclass
@@ -96,7 +98,7 @@ class ModelConfig:
         kind = objective["kind"]
         grid = {
             "cd": lambda: objective["cd"]["N"],
-            "ct": lambda: objective["ct"]["s1"] + 1,
+            "ct": lambda: ct_bounds(**{k: objective["ct"][k] for k in CT_KEYS})[1] + 1,
             "ect": lambda: CONTINUOUS_GRID,
             "scm": lambda: CONTINUOUS_GRID,
         }

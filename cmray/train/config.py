@@ -41,7 +41,6 @@ class CDConfig:
 class CTConfig(CurriculumConfig):
     """Consistency training (paper Eq. 10, Algorithm 3) with an adaptive curriculum."""
 
-    s0: int = param(2, help="initial discretisation (LSUN: 2)", ge=1)
     K: int = param(0, help="curriculum length in steps (0: loop.steps)", ge=0)
     init: str = param(
         "",
@@ -60,18 +59,36 @@ class EDMConfig:
 
 @dataclass
 class ECTConfig:
-    """Easy Consistency Tuning (Geng et al. 2024): a diffusion model tuned into f_theta."""
+    """Easy Consistency Tuning (Geng et al. 2024): a diffusion model tuned into f_theta.
+
+    The defaults are one upstream set-up, locuslab/ect's main branch (its CIFAR-10 runs): q = 2
+    over 8 stages, w = 1 / (t - r), c = 0, ln t ~ N(-1.1, 2.0^2). Its ImageNet 64 branch is
+    q = 4 over 4 stages, w = snrpk, c = 0.06, ln t ~ N(-0.8, 1.6^2). Both end at the gap
+    t - r = t n(t) / q^stages = t n(t) / 256.
+    """
 
     init: str = param(
         "", help="the diffusion model the student starts from (any model source; EDM kind)"
     )
-    P_mean: float = param(-1.1, help="mean of ln t (ECT: -1.1)")
-    P_std: float = param(2.0, help="std of ln t (ECT: 2.0)", gt=0)
-    q: float = param(4.0, help="each stage shrinks t - r by this factor (ECT code: 4)", gt=1)
+    P_mean: float = param(-1.1, help="mean of ln t (locuslab/ect main: -1.1; imgnet: -0.8)")
+    P_std: float = param(2.0, help="std of ln t (main: 2.0; imgnet: 1.6)", gt=0)
+    q: float = param(
+        2.0,
+        help="each stage shrinks t - r by this factor (main: 2 with 8 stages; imgnet: 4 with 4)",
+        gt=1,
+    )
+    stages: int = param(8, help="stages over the run; the last ends at t n(t) / q^stages", ge=1)
     k: float = param(8.0, help="n(t) = 1 + k sigmoid(-b t)", ge=0)
     b: float = param(1.0, help="n(t) = 1 + k sigmoid(-b t)", ge=0)
-    c: float = param(0.0, help="pseudo-Huber c (0: the plain l2 norm)", ge=0)
-    stage_steps: int = param(0, help="steps per stage s (0: loop.steps / 8: eight stages)", ge=0)
+    c: float = param(
+        0.0, help="pseudo-Huber c on the whole image (main: 0, the l2 norm; imgnet: 0.06)", ge=0
+    )
+    weighting: Literal["gap", "snrpk"] = param(
+        "gap", help="w: gap 1 / (t - r) (main) or snrpk 1 / t^2 + 1 / sigma_d^2 (imgnet)"
+    )
+    stage_steps: int = param(
+        0, help="steps per stage (0: loop.steps / stages); the stage stops at stages - 1", ge=0
+    )
 
 
 @dataclass
@@ -103,13 +120,17 @@ class ObjectiveConfig:
     kind: Literal["cd", "ct", "ect", "scm", "edm"] = param(
         "ct", help="cd, ct, ect, scm, or edm (teacher training)"
     )
-    metric: Literal["l2", "l1", "lpips", "pseudo_huber"] = param(
-        "l2", help="distance d of cd and ct (ect: ect.c; scm: its own loss)"
+    metric: Literal["auto", "l2", "l1", "lpips", "pseudo_huber"] = param(
+        "auto",
+        help="distance d of cd and ct (ect: ect.c; scm: its own loss); auto: iCT's "
+        "pseudo_huber for ct with the ict curriculum, l2 otherwise",
     )
     lpips_weights: str = param(
         "", help="VGG16 backbone file path or URL for lpips ('' = the torch hub cache)"
     )
-    weighting: Literal["uniform", "ict"] = param("uniform", help="lambda(t_n)")
+    weighting: Literal["auto", "uniform", "ict"] = param(
+        "auto", help="lambda(t_n); auto: ict for ct with the ict curriculum, uniform otherwise"
+    )
     sigma_data: float = param(0.5, help="data std in the scalings (Appendix C)", gt=0)
     noise: NoiseConfig = param(default_factory=NoiseConfig, help="noise range and grid")
     cd: CDConfig = param(default_factory=CDConfig, help="cd settings")
@@ -130,6 +151,20 @@ class ObjectiveConfig:
                 f"objective.{key} is empty; {self.kind} needs {what} (a model source)",
                 key=f"objective.{key}",
             )
+
+    @property
+    def is_ict(self) -> bool:
+        return self.kind == "ct" and self.ct.curriculum == "ict"
+
+    @property
+    def distance(self) -> str:
+        """The metric d in use: ``metric``, with auto resolved (iCT: pseudo_huber; else l2)."""
+        return self.metric if self.metric != "auto" else ("pseudo_huber" if self.is_ict else "l2")
+
+    @property
+    def lambda_name(self) -> str:
+        """lambda(t_n) in use: ``weighting``, with auto resolved (iCT: ict; else uniform)."""
+        return self.weighting if self.weighting != "auto" else ("ict" if self.is_ict else "uniform")
 
     # Fields that name a model source; ``sources()`` says which this kind reads.
     SOURCE_FIELDS: ClassVar[tuple[str, ...]] = (

@@ -16,18 +16,26 @@ class CurriculumConfig:
     """Consistency training (paper Eq. 10, Algorithm 3) with an adaptive curriculum."""
 
     curriculum: Literal["ct", "ict"] = param(
-        "ct", help="ct: paper Appendix C N(k), mu(k); ict: exponential N(k), mu = 0"
+        "ict",
+        help="ict (recommended): iCT's doubling N(k), lognormal indices, no EMA target; ct: "
+        "paper Appendix C N(k), mu(k)",
     )
-    s0: int = param(10, help="initial discretisation", ge=1)
-    s1: int = param(150, help="final discretisation", ge=1)
-    mu0: float = param(0.95, help="ct: EMA rate at k = 0", ge=0, lt=1)
+    s0: int = param(0, help="initial discretisation (0: published, ict 10, ct 2)", ge=0)
+    s1: int = param(0, help="final discretisation (0: published, ict 1280, ct 150)", ge=0)
+    mu0: float = param(0.95, help="ct: EMA rate at k = 0 (LSUN, ImageNet 0.95)", ge=0, lt=1)
     mu_variant: Literal["official", "paper"] = param(
         "official", help="official: mu divides by N - 1 (published runs); paper: by N"
     )
 
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """(s0, s1), each 0 replaced by the curriculum's published value."""
+        return schedules.ct_bounds(self.curriculum, self.s0, self.s1)
+
     def __post_init__(self) -> None:
-        if self.s1 < self.s0:
-            raise ConfigError(f"ct.s1 = {self.s1} must be >= ct.s0 = {self.s0}", key="ct.s1")
+        s0, s1 = self.bounds
+        if s1 < s0:
+            raise ConfigError(f"ct.s1 = {s1} must be >= ct.s0 = {s0}", key="ct.s1")
 
 
 def ct_curriculum(ct: CurriculumConfig, k: int, K: int) -> tuple[int, float]:
@@ -35,10 +43,10 @@ def ct_curriculum(ct: CurriculumConfig, k: int, K: int) -> tuple[int, float]:
 
     Past K the curriculum stays at its final value rather than extrapolating beyond s1.
     """
-    k = min(k, K)
+    k, (s0, s1) = min(k, K), ct.bounds
     if ct.curriculum == "ict":
-        return schedules.ict_N(k, K, ct.s0, ct.s1), 0.0
-    return schedules.ct_schedule(k, K, ct.s0, ct.s1, ct.mu0, ct.mu_variant)
+        return schedules.ict_N(k, K, s0, s1), 0.0
+    return schedules.ct_schedule(k, K, s0, s1, ct.mu0, ct.mu_variant)
 
 
 def ct_indices(

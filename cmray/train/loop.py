@@ -123,6 +123,13 @@ def initialise_from(online: ConsistencyFunction, cfg: TrainConfig) -> Loaded | N
             f"{source} has net {theirs}; the student's differs in {wrong} "
             "(set net: to that model's network)"
         )
+    theirs_scale, ours_scale = model_cfg.noise.c_noise_scale, cfg.objective.noise.c_noise_scale
+    if theirs_scale != ours_scale:
+        # The weights read the time input they were trained on; another scale is another input.
+        raise ValueError(
+            f"{source} takes the time input {theirs_scale:g} ln sigma; the student's "
+            f"objective.noise.c_noise_scale = {ours_scale:g} (set it to {theirs_scale:g})"
+        )
     online.net.load_state_dict(model.net.state_dict())
     return model, model_cfg
 
@@ -149,11 +156,11 @@ def make_objective(
         teacher, model = (start[0].to(device), start[1]) if same else load_teacher(cfg, device)
         return SCMObjective(obj.scm, obj.sigma_data, teacher, model.net.num_classes)
     lpips = None
-    if obj.metric == "lpips":
+    if obj.distance == "lpips":
         from cmray.weights import load_lpips
 
         lpips = load_lpips("vgg", obj.lpips_weights or None).to(device)
-    metric, weighting = get_metric(obj.metric, lpips), losses.LAMBDAS[obj.weighting]
+    metric, weighting = get_metric(obj.distance, lpips), losses.LAMBDAS[obj.lambda_name]
     if obj.kind == "cd":
         same = start is not None and obj.init == obj.cd.teacher
         teacher, model = (start[0].to(device), start[1]) if same else load_teacher(cfg, device)

@@ -243,8 +243,9 @@ class EDMObjective:
 
 
 def ect_stage(cfg: ECTConfig, k: int, steps: int) -> int:
-    """ECT's stage s at step k: one more every ``stage_steps`` (default: eight over the run)."""
-    return k // (cfg.stage_steps or max(steps // 8, 1))
+    """ECT's stage s at step k: one more every ``stage_steps`` (default: ``stages`` equal
+    stages over the run), held at the last, ``stages - 1``, where the final gap is reached."""
+    return min(k // (cfg.stage_steps or max(steps // cfg.stages, 1)), cfg.stages - 1)
 
 
 @dataclass
@@ -268,7 +269,8 @@ class ECTObjective:
         c = self.cfg
         t = gen.indices(edm_sigmas(c.P_mean, c.P_std), len(x0))
         r = losses.ect_r(t, ect_stage(c, k, self.steps), c.q, c.k, c.b)
-        return losses.ect_loss(online, target, x0, gen.z(x0), t, r, c.c, self.sigma_data)
+        z = gen.z(x0)
+        return losses.ect_loss(online, target, x0, z, t, r, c.c, self.sigma_data, c.weighting)
 
     def target_mu(self, k: int) -> float | None:
         return None
