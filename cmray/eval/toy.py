@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -97,14 +98,31 @@ def quality_report(x: torch.Tensor, reference: torch.Tensor, ring: RingMixture) 
 
 
 def timed(fn: Callable[[], T], repeats: int = 5) -> tuple[T, float]:
-    """Run fn once to warm up, then ``repeats`` times; return a result and the median seconds."""
+    """Run fn once to warm up, then ``repeats`` times; return a result and the median seconds
+    (NaN for ``repeats = 0``: the result alone)."""
     result = fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
-    return result, statistics.median(times)
+    return result, statistics.median(times) if times else math.nan
+
+
+SPREAD = ("energy_distance", "mmd", "on_mode")  # the figures reported as mean and sd over draws
+
+
+def over_draws(entries: list[dict]) -> dict:
+    """One sampler's entries of several draws as one: each figure of ``SPREAD`` as the mean
+    over draws with ``<name>_sd`` (0 for one draw) and ``<name>_draws``; modes_hit as the
+    fewest over draws; wall time and per-mode shares from the first draw."""
+    out = dict(entries[0], draws=len(entries), modes_hit=min(e["modes_hit"] for e in entries))
+    for key in SPREAD:
+        values = [e[key] for e in entries]
+        out[key] = statistics.fmean(values)
+        out[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out[f"{key}_draws"] = values
+    return out
 
 
 def evaluate_sampler(
@@ -121,13 +139,20 @@ def evaluate_sampler(
 
 
 def format_table(entries: list[dict]) -> str:
-    """The results as a fixed-width text table."""
+    """The results as a fixed-width text table: energy distance as mean +- sd over the draws
+    and as a ratio to the first entry's (the teacher's), MMD and on-mode share as means."""
+    draws = entries[0].get("draws", 1)
     head = (
-        f"{'method':<22}{'NFE':>5}{'wall s':>10}{'energy':>10}{'MMD':>10}{'on-mode':>9}{'modes':>7}"
+        f"{'method':<22}{'NFE':>5}{'wall s':>10}{'energy (sd)':>20}{'/ first':>9}{'MMD':>10}"
+        f"{'on-mode':>9}{'modes':>7}"
     )
+    base = entries[0]["energy_distance"]
     rows = [
-        f"{e['method']:<22}{e['nfe']:>5}{e['wall_time_s']:>10.4f}{e['energy_distance']:>10.4f}"
-        f"{e['mmd']:>10.5f}{e['on_mode']:>9.3f}{e['modes_hit']:>5}/{len(e['per_mode'])}"
+        f"{e['method']:<22}{e['nfe']:>5}{e['wall_time_s']:>10.4f}"
+        f"{e['energy_distance']:>11.4f} +- {e.get('energy_distance_sd', 0.0):<6.4f}"
+        f"{e['energy_distance'] / base:>8.2f}x{e['mmd']:>10.5f}{e['on_mode']:>9.3f}"
+        f"{e['modes_hit']:>5}/{len(e['per_mode'])}"
         for e in entries
     ]
-    return "\n".join([head, "-" * len(head), *rows])
+    note = f"(figures: mean over {draws} draws; modes: the fewest hit in any draw)"
+    return "\n".join([head, "-" * len(head), *rows, note])

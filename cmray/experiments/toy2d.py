@@ -21,7 +21,7 @@ from cmray.core.parametrization import ConsistencyFunction
 from cmray.core.sampling import sample_multistep, sample_onestep, sample_teacher_ode
 from cmray.core.schedules import karras_sigmas
 from cmray.eval import plots
-from cmray.eval.toy import evaluate_sampler, format_table
+from cmray.eval.toy import evaluate_sampler, format_table, over_draws
 from cmray.train import toy
 from cmray.train.toy_config import Toy2DConfig
 
@@ -77,16 +77,22 @@ def samplers(cfg: Toy2DConfig, models: ToyModels, z: torch.Tensor) -> dict[str, 
 def evaluate(
     cfg: Toy2DConfig, models: ToyModels, repeats: int = 5
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """Score every sampler on the same noise against fresh reference draws (median wall time)."""
+    """Score every sampler on ``eval.draws`` draws of noise and reference (the same for every
+    sampler): each figure is the mean over the draws, with its standard deviation beside it;
+    wall time is the median on the first draw, whose samples the figures show."""
     ring = toy.ring_of(cfg)
-    reference = ring.sample(cfg.eval.reference_samples, torch.Generator().manual_seed(cfg.seed + 1))
-    z = torch.randn(cfg.eval.num_samples, 2, generator=torch.Generator().manual_seed(cfg.seed + 3))
-    entries, samples = [], {}
-    for name, sample in samplers(cfg, models, z).items():
-        entry, x = evaluate_sampler(name, sample, reference, ring, repeats)
-        entries.append(entry)
-        samples[name] = x
-    return entries, samples
+    per_draw: dict[str, list[dict]] = {}
+    samples: dict[str, torch.Tensor] = {}
+    for d in range(cfg.eval.draws):
+        # Draw 0 keeps the seeds of the single-draw table that came before.
+        seed = cfg.seed + 10 * d
+        reference = ring.sample(cfg.eval.reference_samples, torch.Generator().manual_seed(seed + 1))
+        z = torch.randn(cfg.eval.num_samples, 2, generator=torch.Generator().manual_seed(seed + 3))
+        for name, sample in samplers(cfg, models, z).items():
+            entry, x = evaluate_sampler(name, sample, reference, ring, repeats if d == 0 else 0)
+            per_draw.setdefault(name, []).append(entry)
+            samples.setdefault(name, x)
+    return [over_draws(entries) for entries in per_draw.values()], samples
 
 
 def write_figures(cfg: Toy2DConfig, models: ToyModels, samples: dict, out: Path) -> list[Path]:
