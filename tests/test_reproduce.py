@@ -453,6 +453,34 @@ def test_a_ring_row_is_scored_on_the_studys_noise_in_one_and_two_steps(tmp_path:
     teacher_rows = score_teacher(study, bench, teacher)
     assert [r["nfe"] for r in teacher_rows] == [99, 1, 3, 7, 35]
     assert teacher_rows[0]["own"] and 0 <= teacher_rows[0]["on_mode"] <= 1
+    # Every figure is the mean over the shipped config's 8 draws, with its spread.
+    for entry in [*results, *teacher_rows]:
+        assert entry["draws"] == 8 and entry["energy_distance_sd"] > 0
+        assert entry["energy_distance"] == pytest.approx(sum(entry["energy_distance_draws"]) / 8)
+
+
+def test_a_doubled_ring_teacher_that_ends_no_better_leaves_the_shorter_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each doubling trains afresh; a longer run that ends worse (a fresh clone's 600 epochs
+    scored 0.0139 after 300 had scored 0.0059) is not "still improving": the 300 stays."""
+    from cmray.experiments import reproduce_ring as ring
+
+    cfg = load_config(ReproduceConfig, RING, [f"out={tmp_path}", *TINY_RING])
+    study = ring.plan_ring(cfg)
+    figures = {4: (0.0142, 0.0059), 8: (0.0262, 0.0139)}  # (3/4, end) by epochs
+    trained: list[int] = []
+
+    def run(study, bench, epochs, log):  # the rule's collaborator: figures, no training
+        trained.append(epochs)
+        a, b = figures[epochs]
+        curve = [{"step": 3, "energy_distance": a}, {"step": 4, "energy_distance": b}]
+        return curve, torch.nn.Linear(1, 1)
+
+    monkeypatch.setattr(ring, "_teacher_run", run)
+    state = ring.train_ring_teacher(study, lambda m: None)
+    assert trained == [4, 8] and state["epochs"] == 4 and state["converged"] is True
+    assert state["curve"][-1]["energy_distance"] == 0.0059
 
 
 def test_the_demo_line_puts_a_model_beside_the_studys_teacher_and_the_floor() -> None:

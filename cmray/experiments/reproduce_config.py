@@ -76,7 +76,13 @@ class StudyEvalConfig:
     features: Literal["digits", "inception"] = param(
         "digits", help="digits: the shipped classifier (fd_digits); inception: FID"
     )
-    num_samples: int = param(1000, help="samples per sampler", ge=2)
+    num_samples: int = param(1000, help="samples per sampler and draw", ge=2)
+    draws: int = param(
+        1,
+        help="draws of noise (the ring: and of reference points) each figure is the mean of; "
+        "the teacher's convergence rule reads the same means",
+        ge=1,
+    )
     search_samples: int = param(500, help="samples per candidate of the ternary search", ge=2)
     ref_count: int = param(1797, help="real images in the reference statistics", ge=2)
     pr_count: int = param(1000, help="features per side for precision/recall", ge=4)

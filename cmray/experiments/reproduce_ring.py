@@ -31,7 +31,7 @@ from cmray.core.sampling import (
 )
 from cmray.core.schedules import karras_sigmas
 from cmray.eval.search import greedy_indices
-from cmray.eval.toy import TOY_METRIC, quality_report
+from cmray.eval.toy import TOY_METRIC, over_draws, quality_report
 from cmray.experiments.reproduce_config import ReproduceConfig
 from cmray.experiments.reproduce_report import add_ratios
 from cmray.experiments.study import (
@@ -52,6 +52,8 @@ from cmray.train.toy_config import Toy2DConfig
 from cmray.tune.config import VARIANT_KEY, SearchPlan, plan_search
 
 Log = Callable[[str], None]
+Sampler = Callable[[torch.Tensor, int], torch.Tensor]  # (noise, draw) -> samples
+DRAW_STRIDE = 100  # seed distance between two draws (each draw uses a few offsets)
 
 
 @dataclass
@@ -90,31 +92,50 @@ def plan_ring(cfg: ReproduceConfig) -> RingStudy:
 
 @dataclass
 class Bench:
-    """The noise and the true-ring draws every sampler of the study is scored on."""
+    """What every sampler of the study is scored on: ``eval.draws`` pairs of noise and fresh
+    true-ring draws. Every figure is the mean over the pairs (one draw of 2,000 moves by half
+    the teacher's own figure), so the teacher's rule and the table do not read noise."""
 
-    z: torch.Tensor
-    reference: torch.Tensor
+    zs: list[torch.Tensor]
+    references: list[torch.Tensor]
     ring: Any
     seed: int
 
     @classmethod
     def of(cls, study: RingStudy) -> Bench:
-        seed, ring = study.cfg.eval.seed, toy.ring_of(study.toy)
-        draws = torch.Generator().manual_seed(seed + 1)
-        reference = ring.sample(study.toy.eval.reference_samples, draws)
-        z = torch.randn(
-            study.cfg.eval.num_samples, 2, generator=torch.Generator().manual_seed(seed)
-        )
-        return cls(z, reference, ring, seed)
+        seed, ring, e = study.cfg.eval.seed, toy.ring_of(study.toy), study.cfg.eval
+        # Draw 0 keeps the single draw's seeds; the others sit DRAW_STRIDE apart.
+        seeds = [seed + DRAW_STRIDE * d for d in range(e.draws)]
+        references = [
+            ring.sample(study.toy.eval.reference_samples, torch.Generator().manual_seed(s + 1))
+            for s in seeds
+        ]
+        zs = [
+            torch.randn(e.num_samples, 2, generator=torch.Generator().manual_seed(s)) for s in seeds
+        ]
+        return cls(zs, references, ring, seed)
+
+    @property
+    def z(self) -> torch.Tensor:
+        """The first draw's noise: the samples the figures show."""
+        return self.zs[0]
+
+    def generator(self, draw: int, offset: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + DRAW_STRIDE * draw + offset)
 
     def floor(self) -> float:
         """Real against real: fresh draws from the true ring, as many as the samples."""
-        draws = torch.Generator().manual_seed(self.seed + 5)
-        x = self.ring.sample(self.z.shape[0], draws)
-        return quality_report(x, self.reference, self.ring)[TOY_METRIC]
+        return self.score(lambda z, d: self.ring.sample(z.shape[0], self.generator(d, 5)), 0, "")[
+            TOY_METRIC
+        ]
 
-    def score(self, x: torch.Tensor, nfe: int, sampler: str) -> dict[str, Any]:
-        return {"sampler": sampler, "nfe": nfe, **quality_report(x, self.reference, self.ring)}
+    def score(self, sample: Sampler, nfe: int, sampler: str) -> dict[str, Any]:
+        """``sample(z, draw)``'s samples scored on every draw: means, spreads and the draws."""
+        reports = [
+            quality_report(sample(z, d), ref, self.ring)
+            for d, (z, ref) in enumerate(zip(self.zs, self.references, strict=True))
+        ]
+        return {"sampler": sampler, "nfe": nfe, **over_draws(reports)}
 
 
 def teacher_sampler_figure(study: RingStudy, bench: Bench, teacher: torch.nn.Module) -> float:
@@ -127,16 +148,18 @@ def score_teacher(
     study: RingStudy, bench: Bench, teacher: torch.nn.Module, own_only: bool = False
 ) -> list[dict[str, Any]]:
     t, noise = study.toy.teacher, study.toy.noise
-    own = sample_teacher_ode(teacher, bench.z, _own_grid(study), t.solver)
+    grid = _own_grid(study)
     name = f"{t.solver.capitalize()}, {t.sampler_steps} points"
-    results = [{**bench.score(own.x, own.nfe, name), "points": t.sampler_steps, "own": True}]
+    own = bench.score(lambda z, d: sample_teacher_ode(teacher, z, grid, t.solver).x, 0, name)
+    results = [{**own, "nfe": t.sampler_steps - 1, "points": t.sampler_steps, "own": True}]
     if own_only:
         return results
     args = (noise.sigma_min, noise.sigma_max, noise.rho)
     for p in study.cfg.ring.heun_points:
-        x = sample_edm_heun(teacher, bench.z, p, *args)
+        nfe = sample_edm_heun(teacher, bench.z[:1], p, *args).nfe
         plural = "s" if p > 1 else ""
-        results.append({**bench.score(x.x, x.nfe, f"Heun, {p} point{plural}"), "points": p})
+        heun = bench.score(lambda z, d, p=p: sample_edm_heun(teacher, z, p, *args).x, nfe, "")
+        results.append({**heun, "sampler": f"Heun, {p} point{plural}", "points": p})
     return results
 
 
@@ -148,14 +171,15 @@ def score_student(
     noise, N = study.toy.noise, study.cfg.ring.grid
     eps = f.parametrization.sigma_min
 
-    def two_step(indices: tuple[int, ...]) -> torch.Tensor:
+    def two_step(indices: tuple[int, ...]) -> Sampler:
         taus = taus_from_indices(indices, N, max(eps, noise.sigma_min), noise.sigma_max, noise.rho)
-        gen = torch.Generator().manual_seed(bench.seed + 2)
-        return sample_multistep(f, bench.z, taus, gen, eps, noise.sigma_max).x
+        return lambda z, d: (
+            sample_multistep(f, z, taus, bench.generator(d, 2), eps, noise.sigma_max).x
+        )
 
     found = greedy_indices(lambda k: bench.score(two_step(k), 2, "")[TOY_METRIC], N, 2)
-    one = sample_onestep(f, bench.z, noise.sigma_max).x
-    results = [bench.score(one, 1, "1-step"), bench.score(two_step(found.indices), 2, "2-step")]
+    one = bench.score(lambda z, d: sample_onestep(f, z, noise.sigma_max).x, 1, "1-step")
+    results = [one, bench.score(two_step(found.indices), 2, "2-step")]
     results[1]["indices"] = list(found.indices)
     search = {
         "N": N,
@@ -169,15 +193,26 @@ def score_student(
 
 
 def train_ring_teacher(study: RingStudy, log: Log) -> dict[str, Any]:
-    """Train the teacher, its epochs doubled until the last quarter of training improved its
-    own sampler's figure by less than the tolerance; saved where the rows' trials read it."""
+    """Train the teacher, its epochs doubled (each run afresh) until the last quarter of training
+    improved its own sampler's figure (the mean over the draws) by less than the tolerance, or a
+    doubled run ended no better than the run before it, which then stays the teacher; saved
+    where the rows' trials read it."""
     path = study.out / "teacher" / "curve.json"
     state = read_json(path)
     if state is not None and Path(study.search.teacher_path).is_file():
         return state
     bench, epochs = Bench.of(study), study.toy.teacher.optim.epochs
+    best: tuple[list[dict[str, float]], torch.nn.Module, int] | None = None
     while True:
         curve, teacher = _teacher_run(study, bench, epochs, log)
+        if best is not None and curve[-1][TOY_METRIC] >= best[0][-1][TOY_METRIC]:
+            # A longer run, trained afresh, that ends no better: the shorter one had levelled
+            # off; it stays the teacher.
+            log(f"teacher: {epochs} epochs ended no better; keeping {best[2]} epochs")
+            curve, teacher, epochs = best
+            done = True
+            break
+        best = (curve, teacher, epochs)
         done = converged(curve, study.cfg.teacher.tolerance, TOY_METRIC)
         if done or 2 * epochs > study.cfg.ring.teacher_max_epochs:
             break
