@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_data import decode_png, read_shard_samples
 
 from cmray.config import ConfigError
@@ -110,3 +111,36 @@ def test_the_official_digests_are_the_decompressed_files() -> None:
         pytest.skip("dataset-fashion-mnist is not installed")
     for name, digest in fashion.DIGESTS.items():
         assert hashlib.sha256(gzip.decompress((folder / name).read_bytes())).hexdigest() == digest
+
+
+def test_the_fashion_classifier_trains_deterministically_and_loads(tmp_path: Path) -> None:
+    """The real training code on small files in the official layout (both splits)."""
+    from cmray.eval.digits_classifier import save_digits_classifier
+    from cmray.eval.fashion_classifier import (
+        FashionClassifier,
+        load_fashion_classifier,
+        train_fashion_classifier,
+    )
+    from cmray.eval.features import load_feature_net
+
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 64), ("test", 32)):
+        labels = np.arange(n) % 10
+        # Class-dependent brightness: something learnable in one epoch.
+        images = (rng.integers(0, 40, (n, 28, 28)) + 20 * labels[:, None, None]).astype(np.uint8)
+        write_idx(tmp_path, split, images, labels)
+    first, metrics = train_fashion_classifier(seed=2, epochs=1, path=str(tmp_path))
+    second, _ = train_fashion_classifier(seed=2, epochs=1, path=str(tmp_path))
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+    assert 0 <= metrics["test_accuracy"] <= 1 and metrics["train_loss"] > 0
+    save_digits_classifier(first, tmp_path / "f.pt")
+    loaded = load_fashion_classifier(tmp_path / "f.pt")
+    assert isinstance(loaded, FashionClassifier) and loaded.frechet_name == "fd_fashion"
+    net = load_feature_net("fashion", str(tmp_path / "f.pt"))
+    pool, logits = net(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+    assert pool.shape == (2, 64) and logits.shape == (2, 10)
+    from cmray.weights import WeightsNotFoundError
+
+    with pytest.raises(WeightsNotFoundError, match=r"cmray\.eval\.fashion_classifier --out"):
+        load_fashion_classifier(tmp_path / "missing.pt")

@@ -157,25 +157,32 @@ def test_targets_are_ratios_to_the_teacher_and_to_the_papers_ct() -> None:
         _row("CD l2", "cd", "cd", 25.0, 14.0),
         _row("CD pH", "cd", "cd", 15.0, 12.0),  # the best CD row counts
         _row("CT", "ct", "ct", 40.0, 30.0),
+        _row("iCT", "ict", "ct", 35.0, 20.0),
         _row("ECT", "ect", "ct", 25.0, 20.0),
         {"name": "sCT", "method": "sct", "family": "ct", "status": "error", "error": "diverged"},
     ]
     found = {t["target"]: t for t in targets(_results(rows))}
-    one = found["one-step CD within 2x of the teacher"]
-    assert one["value"] == pytest.approx(1.5) and one["met"] is True
-    two = found["two-step CD within 1.3x of the teacher"]
-    assert two["value"] == pytest.approx(1.2) and two["met"] is True
-    best_ct = found["best CT-family one-step within 3x of the teacher"]
-    assert best_ct["value"] == pytest.approx(2.5) and best_ct["met"] is True
+    one = found["one-step CD within 1.5x of the teacher"]
+    assert one["value"] == pytest.approx(1.5) and one["met"] is False  # not below the limit
+    two = found["two-step CD within 1.2x of the teacher"]
+    assert two["value"] == pytest.approx(1.2) and two["met"] is False
+    assert found["one-step ECT within 2x of the teacher"]["value"] == pytest.approx(2.5)
+    assert found["one-step iCT (from scratch) within 3x of the teacher"]["met"] is False
+    paper = found["one-step CT (the paper's, from scratch) within 5x of the teacher"]
+    assert paper["value"] == pytest.approx(4.0) and paper["met"] is True
     ect = found["ECT one-step better than the paper's CT"]
     assert ect["value"] == pytest.approx(25 / 40) and ect["met"] is True
+    own = found["one-step ECT better than its teacher's one step"]  # the teacher's: 90
+    assert own["value"] == pytest.approx(25 / 90) and own["met"] is True
     sct = found["SCT one-step better than the paper's CT"]
     assert math.isnan(sct["value"]) and sct["met"] is None  # a failed row is not a pass
+    assert found["one-step sCT within 2x of the teacher"]["met"] is None
 
-    rows[1]["results"][1]["fd"] = 13.5
-    rows[0]["results"][1]["fd"] = 13.5
-    two = {t["target"]: t for t in targets(_results(rows))}
-    assert two["two-step CD within 1.3x of the teacher"]["met"] is False
+    rows[1]["results"][0]["fd"] = 14.0
+    rows[1]["results"][1]["fd"] = 11.5
+    again = {t["target"]: t for t in targets(_results(rows))}
+    assert again["one-step CD within 1.5x of the teacher"]["met"] is True
+    assert again["two-step CD within 1.2x of the teacher"]["met"] is True
 
 
 def test_the_table_reads_like_the_papers_and_names_a_failed_row() -> None:
@@ -349,7 +356,7 @@ def test_a_miniature_study_runs_as_one_search_and_reports_every_row(
     assert bad["status"] == "error" and "NonFiniteLossError" in bad["error"]
     search = (out / "students" / "results.csv").read_text().splitlines()
     assert search[0].startswith("trial,status,variant") and len(search) == 3
-    assert results["floor"] > 0 and len(results["targets"]) == 6
+    assert results["floor"] > 0 and len(results["targets"]) == 13
 
     text = (out / "table.md").read_text()
     assert "| CD | 1 |" in text and "| CD | 2 |" in text and "| Diverges | – | failed:" in text

@@ -10,7 +10,7 @@ from cmray.config import ConfigError, param
 from cmray.models import MODEL_BATCH
 
 # The Frechet figure each feature network gives: FID is only ever Inception's.
-FRECHET_NAMES = {"inception": "fid", "digits": "fd_digits"}
+FRECHET_NAMES = {"inception": "fid", "digits": "fd_digits", "fashion": "fd_fashion"}
 
 
 @dataclass
@@ -56,8 +56,10 @@ class QualityConfig:
     """
 
     every: int = param(0, help="measure every K steps, and at the end (0: never)", ge=0)
-    features: Literal["inception", "digits"] = param(
-        "inception", help="inception: FID; digits: the shipped digits classifier (a CPU proxy)"
+    features: Literal["inception", "digits", "fashion"] = param(
+        "inception",
+        help="inception: FID; digits, fashion: the shipped digits or Fashion-MNIST classifier "
+        "(CPU proxies)",
     )
     weights: str = param("", help="feature network weights (empty: as in evaluation)")
     num_samples: int = param(1000, help="one-step samples per measurement", ge=2)
@@ -76,15 +78,15 @@ class EvalConfig:
 
     model: str = param("", help="checkpoint directory or URL, or a local run directory")
     manifest: str = param("", help="the real images' dataset; reference statistics sit beside")
-    features: Literal["inception", "digits"] = param(
+    features: Literal["inception", "digits", "fashion"] = param(
         "inception",
-        help="inception: FID's Inception-v3 (comparable with papers); "
-        "digits: the shipped digits classifier (a CPU proxy, not FID)",
+        help="inception: FID's Inception-v3 (comparable with papers); digits, fashion: the "
+        "shipped digits or Fashion-MNIST classifier (CPU proxies, not FID)",
     )
     weights: str = param(
         "",
         help="feature network weights: local path or fsspec URL "
-        "(empty: the torch hub cache for inception, the shipped file for digits)",
+        "(empty: the torch hub cache for inception, the shipped file for digits and fashion)",
     )
     num_samples: int = param(50_000, help="generated samples scored per sampler", ge=2)
     ref_count: int = param(

@@ -174,6 +174,33 @@ def train_epoch(
     return total / len(labels)
 
 
+def fit_classifier(
+    model: DigitsClassifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+) -> float:
+    """AdamW with a one-cycle schedule over ``epochs`` shuffled passes; the last epoch's loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * -(-len(labels) // batch_size)
+    # One-cycle warm-up and decay reaches high accuracy in a few dozen epochs without tuning.
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    loss = float("nan")
+    for _ in range(epochs):
+        loss = train_epoch(model, optimizer, schedule, images, labels, batch_size, generator)
+    return loss
+
+
+def seeded(cls: type[DigitsClassifier], seed: int) -> DigitsClassifier:
+    """A fresh ``cls`` initialised from ``seed``, leaving the caller's global RNG alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls()
+
+
 def train_digits_classifier(
     seed: int = 0, epochs: int = 30, batch_size: int = 64, lr: float = 3e-3
 ) -> tuple[DigitsClassifier, dict[str, float]]:
@@ -187,19 +214,9 @@ def train_digits_classifier(
     test = held_out_mask(len(labels))
     train_images, train_labels = images[~test], labels[~test]
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DigitsClassifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * -(-len(train_labels) // batch_size)
-    # One-cycle warm-up and decay reaches high accuracy in a few dozen epochs without tuning.
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    model = seeded(DigitsClassifier, seed)
     start = time.perf_counter()
-    loss = float("nan")
-    for _ in range(epochs):
-        loss = train_epoch(
-            model, optimizer, schedule, train_images, train_labels, batch_size, generator
-        )
+    loss = fit_classifier(model, train_images, train_labels, generator, epochs, batch_size, lr)
     seconds = time.perf_counter() - start
     metrics = {
         "held_out_accuracy": accuracy(model, images[test], labels[test]),
@@ -211,7 +228,7 @@ def train_digits_classifier(
     return model.eval(), metrics
 
 
-def save_digits_classifier(model: DigitsClassifier, path: str | os.PathLike[str]) -> None:
+def save_digits_classifier(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Write the state dict atomically, so a reader never loads a half-written file."""
     # torch.save names the zip records after the file it writes; saving to memory first keeps
     # the random temp name out, so the same weights always give the same bytes.
@@ -221,27 +238,38 @@ def save_digits_classifier(model: DigitsClassifier, path: str | os.PathLike[str]
         Path(tmp).write_bytes(buffer.getvalue())
 
 
-def rebuild_hint(path: str | os.PathLike[str]) -> str:
-    return f"rebuild it with: {REBUILD_COMMAND} {os.fspath(path)}"
+def rebuild_hint(path: str | os.PathLike[str], command: str = REBUILD_COMMAND) -> str:
+    return f"rebuild it with: {command} {os.fspath(path)}"
 
 
-def load_digits_classifier(path: str | os.PathLike[str] | None = None) -> DigitsClassifier:
-    """The trained classifier in eval mode; ``path`` None means the file shipped with cmray."""
-    path = Path(path) if path is not None else SHIPPED_PATH
+def load_classifier(
+    cls: type[DigitsClassifier],
+    path: str | os.PathLike[str] | None,
+    shipped: Path,
+    command: str,
+) -> DigitsClassifier:
+    """A trained ``cls`` in eval mode from ``path`` (None: the file shipped with cmray)."""
+    path = Path(path) if path is not None else shipped
+    what = cls.__name__
     if not path.is_file():
         raise WeightsNotFoundError(
-            f"digits classifier weights '{path.name}' not found at {path}; {rebuild_hint(path)}"
+            f"{what} weights '{path.name}' not found at {path}; {rebuild_hint(path, command)}"
         )
     state = load_state_dict(path)
-    model = DigitsClassifier()
+    model = cls()
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
         reason = " ".join(str(e).split())
         raise ValueError(
-            f"{path} is not a DigitsClassifier state dict ({reason}); {rebuild_hint(path)}"
+            f"{path} is not a {what} state dict ({reason}); {rebuild_hint(path, command)}"
         ) from e
     return model.eval()
+
+
+def load_digits_classifier(path: str | os.PathLike[str] | None = None) -> DigitsClassifier:
+    """The trained classifier in eval mode; ``path`` None means the file shipped with cmray."""
+    return load_classifier(DigitsClassifier, path, SHIPPED_PATH, REBUILD_COMMAND)
 
 
 def main(argv: list[str] | None = None) -> None:

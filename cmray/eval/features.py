@@ -1,4 +1,4 @@
-"""Feature networks for sample-quality metrics: Inception-v3 (FID) and the digits proxy.
+"""Feature networks for sample-quality metrics: Inception-v3 (FID) and the CPU proxies.
 
 Every feature network is an ``nn.Module`` taking uint8 images [B, 3, H, W] and returning
 ``(pool, logits)``: the features whose Gaussian statistics give a Frechet distance and
@@ -28,8 +28,8 @@ from cmray.weights import load_state_dict, stage_weights
 if TYPE_CHECKING:
     from pathlib import Path
 
-FeatureKind = Literal["inception", "digits"]
-FEATURE_KINDS: tuple[str, ...] = ("inception", "digits")
+FeatureKind = Literal["inception", "digits", "fashion"]
+FEATURE_KINDS: tuple[str, ...] = ("inception", "digits", "fashion")
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = (
@@ -76,13 +76,17 @@ def stage_inception(source: str | os.PathLike[str] | None = None) -> Path:
 
 
 def load_feature_net(kind: str, weights: str | None = None) -> nn.Module:
-    """The frozen feature network ``kind`` ('inception' or 'digits'), weights staged first."""
+    """The frozen feature network ``kind`` (inception, digits or fashion), weights staged first."""
     if kind == "inception":
         net: nn.Module = InceptionFeatures(stage_inception(weights or None))
     elif kind == "digits":
         from cmray.eval.digits_classifier import load_digits_classifier
 
         net = load_digits_classifier(weights or None)
+    elif kind == "fashion":
+        from cmray.eval.fashion_classifier import load_fashion_classifier
+
+        net = load_fashion_classifier(weights or None)
     else:
         raise ValueError(f"unknown feature network {kind!r}; expected one of {FEATURE_KINDS}")
     return net.requires_grad_(False).eval()

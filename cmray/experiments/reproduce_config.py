@@ -73,7 +73,7 @@ class StudyStudentsConfig:
 class StudyEvalConfig:
     """How every row and the teacher are scored: same samples, same noise, same statistics."""
 
-    features: Literal["digits", "inception"] = param(
+    features: Literal["digits", "fashion", "inception"] = param(
         "digits", help="digits: the shipped classifier (fd_digits); inception: FID"
     )
     num_samples: int = param(1000, help="samples per sampler and draw", ge=2)
