@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 OUT ?= runs/toy2d
 DATA ?= runs/data/digits16
 
-.PHONY: lock demo demo-toy2d reproduce test test-fast lint format bench bench-gpu clean
+.PHONY: lock demo demo-toy2d reproduce fashion-data test test-fast lint format bench bench-gpu clean
 
 # Installs come from the committed lock (uv.lock) only: pip bootstraps the uv release the lock
 # names (hash-checked), then `uv sync --frozen` installs exactly the locked set, and cmray goes in
@@ -50,9 +50,21 @@ demo: $(STAMP)
 # 35-NFE figure levels off, then CD, CT, iCT, ECT, sCT and sCD as one Ray Tune grid, each scored
 # one- and two-step -> runs/reproduce/digits/{results.json,table.md,samples.png,nfe.png}
 # (under an hour on 2 cores; re-running resumes). SUITE=digits; STUDY_OUT moves the directory.
+# SUITE=fashion: Fashion-MNIST (its official files from Debian's dataset-fashion-mnist, installed
+# here when apt-get can; elsewhere the source downloads them once); SUITE=ring: the 2D ring.
 SUITE ?= digits
-reproduce: $(STAMP)
+reproduce: $(STAMP) $(if $(filter fashion,$(SUITE)),fashion-data)
 	$(BIN)/python pipelines/reproduce.py --suite $(SUITE) $(if $(STUDY_OUT),--out $(STUDY_OUT))
+
+# Fashion-MNIST's official idx.gz files from Debian's package, when they are not there yet and
+# apt-get may install (root); otherwise the fashion-mnist source finds or downloads them itself.
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+fashion-data:
+	@test -f $(FASHION_DIR)/t10k-labels-idx1-ubyte.gz \
+	  || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	       && { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1 \
+	       && echo "installed dataset-fashion-mnist into $(FASHION_DIR)"; } \
+	  || echo "Fashion-MNIST: not in $(FASHION_DIR); the fashion-mnist source will download it"
 
 demo-toy2d: $(STAMP)
 	$(BIN)/python pipelines/toy2d.py --out $(OUT)
@@ -60,7 +72,7 @@ demo-toy2d: $(STAMP)
 # -X faulthandler keeps tracebacks on a crash through interpreter exit too (pytest's own
 # handler stops at the end of the session), so a crash in a library's teardown names its thread.
 # --durations: the slowest tests in every log, to keep the suite inside its 15-minute budget.
-test: $(STAMP)
+test: $(STAMP) fashion-data
 	$(BIN)/python -X faulthandler -m pytest --durations=15
 
 test-fast: $(STAMP)

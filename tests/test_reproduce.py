@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from cmray.config import ConfigError, from_dict, load_config
-from cmray.experiments.reproduce import plan_study, row_method
+from cmray.experiments.reproduce import plan_students, plan_study, row_method
 from cmray.experiments.reproduce_config import ReproduceConfig
 from cmray.experiments.reproduce_report import table, targets
 from cmray.experiments.study import converged, family_of
@@ -46,10 +46,11 @@ def test_the_shipped_study_plans_every_row_as_one_grid_over_named_variants(
     assert methods == ["cd", "cd", "ct", "ict", "ect", "sct", "scd"]
     assert [family_of(m) for m in methods] == ["cd", "cd", "ct", "ct", "ct", "ct", "cd"]
     teacher = study.teacher_source
-    budgets = set()
+    budgets, scales = {}, set()
     for name in names:
         cfg = study.search.trial_config({"variant": name})
-        budgets.add((cfg.loop.steps, cfg.data.batch_size, cfg.run.num_workers))
+        budgets[name] = (cfg.loop.steps, cfg.data.batch_size, cfg.run.num_workers)
+        scales.add(cfg.objective.noise.c_noise_scale)
         assert cfg.quality.every == cfg.loop.steps  # the search's figure, once at the end
         if row_method(study, name) in ("cd", "ect", "sct"):
             assert cfg.objective.init == teacher, name  # started from the teacher's weights
@@ -57,7 +58,19 @@ def test_the_shipped_study_plans_every_row_as_one_grid_over_named_variants(
             assert teacher in cfg.objective.sources().values()
         if row_method(study, name) in ("ct", "ict"):
             assert cfg.objective.init == ""  # from data alone
-    assert len(budgets) == 1  # the same budget in training images for every row
+    # The rows from the teacher share one budget; those from scratch get the teacher's own,
+    # here the most it may train (the study fills in where its rule stopped it).
+    from_scratch = {n for n in names if row_method(study, n) in ("ct", "ict")}
+    assert {budgets[n] for n in from_scratch} == {(study.cfg.teacher.max_steps, 64, 1)}
+    assert len({budgets[n] for n in names if n not in from_scratch}) == 1
+    assert (
+        plan_students(study.cfg, study.out, 1200)
+        .trial_config({"variant": sorted(from_scratch)[0]})
+        .loop.steps
+        == 1200
+    )
+    # One time input for the teacher and every row (they start from or distil its weights).
+    assert scales == {study.teacher_cfg.objective.noise.c_noise_scale} == {0.25}
     assert study.teacher_cfg.objective.kind == "edm"
 
 

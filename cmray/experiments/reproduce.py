@@ -27,7 +27,11 @@ from typing import Any
 from cmray.config import ConfigError, dump_yaml, load_config, to_dict
 from cmray.data.config import PrepareConfig
 from cmray.eval.config import FRECHET_NAMES, EvalConfig, SamplingConfig
-from cmray.experiments.reproduce_config import TEACHER_PLACEHOLDER, ReproduceConfig
+from cmray.experiments.reproduce_config import (
+    TEACHER_PLACEHOLDER,
+    TEACHER_STEPS_PLACEHOLDER,
+    ReproduceConfig,
+)
 from cmray.experiments.reproduce_report import (
     add_ratios,
     image_figure,
@@ -95,15 +99,19 @@ def _teacher_config(cfg: ReproduceConfig, out: Path) -> TrainConfig:
     return replace(teacher, tracking=tracking)
 
 
-def _rows(cfg: ReproduceConfig, teacher: str) -> list[VariantConfig]:
-    """The rows' settings with the teacher's run directory in place of ``{teacher}``."""
-    return [
-        VariantConfig(r.name, [s.replace(TEACHER_PLACEHOLDER, teacher) for s in r.set])
-        for r in cfg.students.rows
-    ]
+def _rows(cfg: ReproduceConfig, teacher: str, steps: int) -> list[VariantConfig]:
+    """The rows' settings with the teacher's run directory in place of ``{teacher}`` and its
+    training steps in place of ``{teacher_steps}``."""
+
+    def fill(setting: str) -> str:
+        return setting.replace(TEACHER_PLACEHOLDER, teacher).replace(
+            TEACHER_STEPS_PLACEHOLDER, str(steps)
+        )
+
+    return [VariantConfig(r.name, [fill(s) for s in r.set]) for r in cfg.students.rows]
 
 
-def _search_config(cfg: ReproduceConfig, out: Path, teacher: str) -> TuneConfig:
+def _search_config(cfg: ReproduceConfig, out: Path, teacher: str, steps: int) -> TuneConfig:
     base = load_config(TrainConfig, cfg.students.config, cfg.students.set)
     quality = [
         f"quality.every={base.loop.steps}",  # once, at the end: the search's figure
@@ -112,14 +120,21 @@ def _search_config(cfg: ReproduceConfig, out: Path, teacher: str) -> TuneConfig:
         f"data.manifest={absolute(cfg.data.manifest)}/manifest.json",
     ]
     overrides = [*cfg.students.set, *quality]
-    return rows_search(cfg, "train", cfg.students.config, overrides, _rows(cfg, teacher), out)
+    rows = _rows(cfg, teacher, steps)
+    return rows_search(cfg, "train", cfg.students.config, overrides, rows, out)
+
+
+def plan_students(cfg: ReproduceConfig, out: Path, teacher_steps: int) -> SearchPlan:
+    """The rows' search, with the teacher's steps filled in (before its training: the most it
+    may train, so every row is checked before anything starts)."""
+    return plan_search(_search_config(cfg, out, str(out / "train" / TEACHER_RUN), teacher_steps))
 
 
 def plan_study(cfg: ReproduceConfig) -> Study:
     """Check the teacher's config and every row's before anything starts."""
     out = Path(absolute(cfg.out))
     teacher_cfg = _teacher_config(cfg, out)
-    search = plan_search(_search_config(cfg, out, str(out / "train" / TEACHER_RUN)))
+    search = plan_students(cfg, out, cfg.teacher.max_steps)
     return Study(cfg, out, teacher_cfg, search, FRECHET_NAMES[cfg.eval.features])
 
 
@@ -265,13 +280,12 @@ def assemble(
     base = study.search.trial_config({VARIANT_KEY: rows[0]["name"]})
     batch = global_batch(base)
     results = {
-        "suite": "digits",
+        "suite": study.cfg.suite,
         "metric": study.metric,
         "score": teacher_eval["features"]["score"],
         "study": to_dict(study.cfg),
         "timings_s": study.timings,
-        "floor": teacher_eval["reference"]["split_half_frechet"],
-        "floor_name": "Real images (one half against the other)",
+        **floor(study, teacher_eval),
         "budget_line": (
             f"Every row: {base.loop.steps} steps of {batch} images "
             f"({base.loop.steps * batch} training images); the teacher: "
@@ -281,6 +295,43 @@ def assemble(
         "rows": rows,
     }
     return add_ratios(results)
+
+
+def floor(study: Study, teacher_eval: dict[str, Any]) -> dict[str, Any]:
+    """Real against real, at the rows' sample count: Fashion-MNIST's test images against the
+    training set's statistics; elsewhere one half of the training images against the other."""
+    if study.cfg.suite != "fashion":
+        value = teacher_eval["reference"]["split_half_frechet"]
+        return {"floor": value, "floor_name": "Real images (one half against the other)"}
+    path = study.out / "floor.json"
+    saved = read_json(path)
+    if saved is None:
+        saved = {"floor": held_out_frechet(study), "floor_name": "Test images against training"}
+        write_json(path, saved)
+    return saved
+
+
+def held_out_frechet(study: Study) -> float:
+    """The Frechet distance of the first ``eval.num_samples`` Fashion-MNIST test images, prepared
+    as the shards are, to the training images' reference statistics."""
+    import torch
+
+    from cmray.eval.fashion_classifier import fashion_images
+    from cmray.eval.features import load_feature_net
+    from cmray.eval.frechet import RunningGaussian, frechet_distance
+    from cmray.eval.reference import load_ref_stats
+
+    folder = study.cfg.data.source.partition(":")[2]  # fashion-mnist:PATH, or found
+    images, _ = fashion_images("test", folder, study.cfg.data.resolution)
+    net = load_feature_net(study.cfg.eval.features)
+    stats = RunningGaussian()
+    with torch.no_grad():
+        for batch in images[: study.cfg.eval.num_samples].split(study.cfg.eval.batch_size):
+            stats.add(net(batch)[0].double())
+    ref = load_ref_stats(study.manifest, study.cfg.eval.features)
+    if ref is None:
+        raise FileNotFoundError(f"no reference statistics beside {study.manifest}")
+    return frechet_distance(*stats.stats(), ref.mu, ref.sigma)
 
 
 def sample_figure(study: Study, results: dict[str, Any], path: Path) -> Path:
@@ -307,6 +358,7 @@ def run_study(cfg: ReproduceConfig, log: Log = print) -> dict[str, Any]:
         tracking = replace(study.teacher_cfg.tracking, parent_run=parent.run_id or "")
         study.teacher_cfg = replace(study.teacher_cfg, tracking=tracking)
     teacher = timed("teacher", lambda: train_teacher(study, log))
+    study.search = plan_students(cfg, study.out, teacher["curve"][-1]["step"])
     rows = timed("students", lambda: train_students(study, log))
     teacher_eval = timed("teacher_eval", lambda: score_teacher_table(study, log))
     names = [r.name for r in cfg.students.rows]

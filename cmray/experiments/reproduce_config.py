@@ -18,6 +18,9 @@ from cmray.tracking.config import TrackingConfig
 from cmray.tune.config import VariantConfig
 
 TEACHER_PLACEHOLDER = "{teacher}"
+# The teacher's training steps, once its rule has stopped it: a row set to it sees the teacher's
+# own budget of images (the teacher-free rows trained from scratch).
+TEACHER_STEPS_PLACEHOLDER = "{teacher_steps}"
 
 
 @dataclass
@@ -63,7 +66,9 @@ class StudyStudentsConfig:
         default_factory=list, help="KEY=VALUE settings for every row (the shared budget)"
     )
     rows: list[VariantConfig] = param(
-        default_factory=list, help=f"name and settings of each row; {TEACHER_PLACEHOLDER} = teacher"
+        default_factory=list,
+        help=f"name and settings of each row; {TEACHER_PLACEHOLDER} = the teacher, "
+        f"{TEACHER_STEPS_PLACEHOLDER} = its training steps",
     )
     concurrent: int = param(0, help="rows trained at once (0: as many as the cluster holds)", ge=0)
     max_failures: int = param(1, help="times a failed row is retried, resuming its run", ge=0)
@@ -74,7 +79,8 @@ class StudyEvalConfig:
     """How every row and the teacher are scored: same samples, same noise, same statistics."""
 
     features: Literal["digits", "fashion", "inception"] = param(
-        "digits", help="digits: the shipped classifier (fd_digits); inception: FID"
+        "digits",
+        help="digits, fashion: the shipped classifiers (fd_digits, fd_fashion); inception: FID",
     )
     num_samples: int = param(1000, help="samples per sampler and draw", ge=2)
     draws: int = param(
@@ -123,8 +129,10 @@ class RingStudyConfig:
 class ReproduceConfig:
     """A whole study: data, teacher, rows, scoring, where it lives and MLflow."""
 
-    suite: Literal["digits", "ring"] = param(
-        "digits", help="digits: the bundled real images; ring: the 2D ring (energy distance)"
+    suite: Literal["digits", "fashion", "ring"] = param(
+        "digits",
+        help="digits: the bundled real images; fashion: Fashion-MNIST; ring: the 2D ring "
+        "(energy distance)",
     )
     name: str = param("reproduce-digits", help="study name; the same name resumes the study")
     out: str = param("runs/reproduce/digits", help="the study's directory (local)")
