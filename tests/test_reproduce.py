@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -291,13 +292,26 @@ def test_checkpoint_at_finds_a_kept_step_and_only_that(digits16: str, tmp_path: 
 
 
 def miniature(tmp_path: Path, mlflow: str) -> dict:
-    """Two rows, a few steps: a CD row, and a row whose training diverges."""
+    """The Fashion-MNIST suite on small files in the official layout (120 training images, 60
+    test): two rows, a few steps, a CD row and a row whose training diverges."""
+    from test_fashion import write_idx
+
+    folder = tmp_path / "fm"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 120), ("test", 60)):
+        write_idx(folder, split, rng.integers(0, 256, (n, 28, 28)), np.arange(n) % 10)
     tiny = ["run.num_workers=1", "data.batch_size=8", "loop.log_every=2"]
     cd = ["objective.kind=cd", "objective.cd.teacher={teacher}", "objective.cd.init={teacher}"]
     return {
+        "suite": "fashion",
         "name": "mini",
         "out": str(tmp_path / "study"),
-        "data": {"source": "digits", "resolution": 16, "manifest": str(tmp_path / "d16")},
+        "data": {
+            "source": f"fashion-mnist:{folder}",
+            "resolution": 16,
+            "manifest": str(tmp_path / "f16"),
+        },
         "teacher": {
             "config": "configs/digits_edm.yaml",
             "set": tiny,
@@ -319,7 +333,8 @@ def miniature(tmp_path: Path, mlflow: str) -> dict:
         "eval": {
             "num_samples": 40,
             "search_samples": 20,
-            "ref_count": 200,
+            "features": "fashion",
+            "ref_count": 100,
             "pr_count": 20,
             "batch_size": 20,
             "teacher_points": [1, 18],
@@ -362,14 +377,15 @@ def test_a_miniature_study_runs_as_one_search_and_reports_every_row(
     assert cd["name"] == "CD" and cd["status"] == "finished" and cd["method"] == "cd"
     assert [e["nfe"] for e in cd["results"]] == [1, 2]
     for e in cd["results"]:
-        assert e["fd_digits"] > 0 and 0 <= e["precision"] <= 1 and e["samples"] == 40
-        assert e["ratio_to_teacher"] == pytest.approx(e["fd_digits"] / teacher[18]["fd_digits"])
+        assert e["fd_fashion"] > 0 and 0 <= e["precision"] <= 1 and e["samples"] == 40
+        assert e["ratio_to_teacher"] == pytest.approx(e["fd_fashion"] / teacher[18]["fd_fashion"])
     chosen = cd["search"]["chosen"]
     assert chosen == cd["results"][1]["indices"] and len(cd["search"]["evaluated"]) >= 2
     assert bad["status"] == "error" and "NonFiniteLossError" in bad["error"]
     search = (out / "students" / "results.csv").read_text().splitlines()
     assert search[0].startswith("trial,status,variant") and len(search) == 3
     assert results["floor"] > 0 and len(results["targets"]) == 13
+    assert results["floor_name"] == "Test images against training"  # 40 of the 60 test images
 
     text = (out / "table.md").read_text()
     assert "| CD | 1 |" in text and "| CD | 2 |" in text and "| Diverges | – | failed:" in text
@@ -389,13 +405,13 @@ def test_a_miniature_study_runs_as_one_search_and_reports_every_row(
     assert {"teacher", f"trial_{cd['trial']}"} <= names and len(children) <= 3
     assert len(runs) == len(children) + 1
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["teacher_baseline"] == pytest.approx(teacher[18]["fd_digits"])
+    assert parent.data.metrics["teacher_baseline"] == pytest.approx(teacher[18]["fd_fashion"])
     artifacts = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"results.json", "table.md", "samples.png", "nfe.png"} <= artifacts
-    scored = [r for r in children if "eval_1step_fd_digits" in r.data.metrics]
+    scored = [r for r in children if "eval_1step_fd_fashion" in r.data.metrics]
     assert len(scored) == 1
-    assert scored[0].data.metrics["eval_2step_fd_digits"] == pytest.approx(
-        cd["results"][1]["fd_digits"]
+    assert scored[0].data.metrics["eval_2step_fd_fashion"] == pytest.approx(
+        cd["results"][1]["fd_fashion"]
     )
 
 
