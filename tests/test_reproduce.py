@@ -535,3 +535,21 @@ def test_the_demo_line_puts_a_model_beside_the_studys_teacher_and_the_floor() ->
     )
     with pytest.raises(ValueError, match="reports energy_distance, this evaluation fd"):
         compare_line(report, {**study, "metric": "energy_distance"}, "ring.json")
+
+
+def test_the_summary_states_each_rows_budget_and_wall_time() -> None:
+    from cmray.experiments.reproduce_report import summary
+
+    rows = [
+        {**_row("CD", "cd", "cd", 15.0, 12.0), "images": 25_600, "train_s": 183.0},
+        {**_row("iCT", "ict", "ct", 30.0, 20.0), "images": 307_200, "train_s": math.nan},
+    ]
+    results = _results(rows)
+    results.update(
+        budget_line="Rows from the teacher: 400 steps.",
+        teacher={**results["teacher"], "curve": [{"step": 8, "fd": 10.0}], "converged": True},
+        targets=targets(results),
+        timings_s={"teacher": 10.0},
+    )
+    text = summary(results)
+    assert "| CD | 25,600 | 3.0 min |" in text and "| iCT | 307,200 | – |" in text

@@ -19,6 +19,7 @@ a crash continues where the study stopped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -231,6 +232,9 @@ def score_row(study: Study, row: dict[str, Any], log: Log) -> dict[str, Any]:
     method = row_method(study, name)
     entry = {"name": name, "trial": row["trial"], "status": row["status"], "method": method}
     entry["family"] = family_of(method)
+    trained = study.search.trial_config({VARIANT_KEY: name})
+    entry["images"] = trained.loop.steps * global_batch(trained)
+    entry["train_s"] = row.get("train_s", math.nan)
     if row["status"] == "error":
         return {**entry, "error": error_line(study.out / STUDENTS_RUN, row["trial"])}
     saved = read_json(out / "eval.json")
@@ -287,7 +291,7 @@ def assemble(
         "timings_s": study.timings,
         **floor(study, teacher_eval),
         "budget_line": (
-            f"Every row: {base.loop.steps} steps of {batch} images "
+            f"Rows from the teacher: {base.loop.steps} steps of {batch} images "
             f"({base.loop.steps * batch} training images); the teacher: "
             f"{teacher['curve'][-1]['step']} steps of {global_batch(study.teacher_cfg)}."
         ),

@@ -187,6 +187,19 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def budgets(results: dict[str, Any]) -> list[str]:
+    """Each row's budget in training images seen and its training wall time (a Tune trial's
+    time on this machine; every row on one CPU), where the suite records them."""
+    rows = [r for r in results["rows"] if "images" in r]
+    if not rows:
+        return []
+    lines = ["", "| Row | training images | training wall time |", "|---|---:|---:|"]
+    for r in rows:
+        wall = f"{r['train_s'] / 60:.1f} min" if math.isfinite(r.get("train_s", math.nan)) else "–"
+        lines.append(f"| {r['name']} | {r['images']:,} | {wall} |")
+    return lines
+
+
 def summary(results: dict[str, Any]) -> str:
     """The budget, the teacher's convergence and the targets, under the table."""
     t, metric = results["teacher"], results["metric"]
@@ -195,6 +208,7 @@ def summary(results: dict[str, Any]) -> str:
     lines = [
         results["budget_line"],
         f"Teacher: {metric} of its baseline sampler by training step: {curve} ({state}).",
+        *budgets(results),
         "",
         "| Target | Measured | Limit | Met |",
         "|---|---:|---:|---|",

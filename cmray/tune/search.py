@@ -100,6 +100,7 @@ def result_rows(grid: Any, plan: SearchPlan) -> list[dict[str, Any]]:
                 **{key: value for key, value in (result.config or {}).get("params", {}).items()},
                 plan.metric: metrics.get(plan.metric, math.nan),
                 "step": metrics.get("step", 0),
+                "train_s": metrics.get("time_total_s", math.nan),
             }
         )
     return sorted(rows, key=lambda r: (math.isnan(r[plan.metric]), r[plan.metric]))
