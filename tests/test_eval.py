@@ -202,6 +202,24 @@ def test_given_indices_skip_the_search(digits16: str, digits_model: str, tmp_pat
     assert report["search"] is None and report["results"][1]["indices"] == [0, 5, 11]
 
 
+def test_each_figure_is_the_mean_over_draws_and_the_first_draw_is_the_single_ones(
+    digits16: str, digits_model: str, tmp_path: Path
+) -> None:
+    """Draws of noise beyond the first come from other chunk numbers of the same seed; the
+    search and the images stay the first draw's."""
+    sampling = {"steps": 2, "indices": [0, 5, 11], "N": 12}
+    one = evaluate(eval_config(digits16, digits_model, tmp_path / "a", sampling=sampling))
+    three = evaluate(
+        eval_config(digits16, digits_model, tmp_path / "b", sampling=sampling, draws=3)
+    )
+    for single, mean in zip(one["results"], three["results"], strict=True):
+        draws = mean["fd_digits_draws"]
+        assert mean["draws"] == 3 and len(set(draws)) == 3  # three different noises
+        assert draws[0] == single["fd_digits"] and single["fd_digits_draws"] == draws[:1]
+        assert mean["fd_digits"] == pytest.approx(sum(draws) / 3)
+        assert mean["fd_digits_sd"] > 0 and single["fd_digits_sd"] == 0.0
+
+
 def test_sub_batched_sampling_gives_the_same_features(digits16: str, digits_model: str) -> None:
     def features(model_batch: int) -> tuple[dict[str, torch.Tensor], list[int]]:
         cfg = eval_config(digits16, digits_model, Path("unused"), model_batch=model_batch)

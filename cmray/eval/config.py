@@ -106,6 +106,12 @@ class EvalConfig:
         default_factory=SamplingConfig, help="one-step and multistep sampling"
     )
     seed: int = param(0, help="noise seed; results do not depend on the number of workers")
+    draws: int = param(
+        1,
+        help="draws of noise each figure is the mean of (its spread beside it); the ternary "
+        "search and the images use the first",
+        ge=1,
+    )
     workers: int = param(
         0,
         help="Ray actors (0: one per GPU with use_gpu, else one per CPU; -1: no Ray, in-process)",

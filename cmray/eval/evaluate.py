@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -89,6 +90,10 @@ class Samples:
     seconds: float
 
 
+# Draw d's chunks are numbered from d * DRAW_CHUNKS: other noise from the same seed.
+DRAW_CHUNKS = 1_000_000
+
+
 def sample_features(
     runner: Runner,
     cfg: EvalConfig,
@@ -96,10 +101,13 @@ def sample_features(
     count: int,
     desc: str,
     points: int = 0,
+    draw: int = 0,
 ) -> Samples:
-    """Samples of Algorithm 1 with ``taus``, or of an EDM teacher's sampler on ``points``."""
+    """Samples of Algorithm 1 with ``taus``, or of an EDM teacher's sampler on ``points``, from
+    draw ``draw`` of the noise (0: the seed's first)."""
+    first = draw * DRAW_CHUNKS
     tasks = [
-        SampleTask(c, n, taus, keep_images=GRID_IMAGES if c == 0 else 0, points=points)
+        SampleTask(first + c, n, taus, keep_images=GRID_IMAGES if c == 0 else 0, points=points)
         for c, n in chunks(count, cfg.batch_size)
     ]
     gaussian, kept, logits, images = RunningGaussian(), [], [], None
@@ -126,6 +134,24 @@ def figures(samples: Samples, ref: RefStats, names: dict[str, str], k: int) -> d
     }
 
 
+def over_draws(
+    score: Callable[[int], tuple[dict[str, Any], Samples]], draws: int, frechet: str
+) -> tuple[dict[str, Any], Samples]:
+    """``score(draw)`` on ``draws`` draws of noise: every figure is the mean over them, the
+    Frechet figure's spread and values beside it (``<name>_sd``, ``<name>_draws``); the
+    samples are the first draw's."""
+    scored = [score(d) for d in range(draws)]
+    first, samples = scored[0]
+    result = dict(first, draws=draws)
+    for key, value in first.items():
+        if isinstance(value, float) and key != "samples_per_s":
+            result[key] = statistics.fmean(r[key] for r, _ in scored)
+    values = [r[frechet] for r, _ in scored]
+    result[f"{frechet}_sd"] = statistics.stdev(values) if draws > 1 else 0.0
+    result[f"{frechet}_draws"] = values
+    return result, samples
+
+
 def grid_size(cfg: EvalConfig, model: ModelConfig) -> int:
     """N of the Karras grid the taus index: configured, else the model's (CD's N, CT's s1 + 1)."""
     if cfg.sampling.N:
@@ -149,9 +175,11 @@ class Evaluation:
         args = (indices, self.N, noise.sigma_min, noise.sigma_max, noise.rho)
         return tuple(taus_from_indices(*args))
 
-    def score(self, indices: tuple[int, ...], count: int, desc: str) -> tuple[dict, Samples]:
+    def score(
+        self, indices: tuple[int, ...], count: int, desc: str, draw: int = 0
+    ) -> tuple[dict, Samples]:
         taus = self.taus(indices)
-        samples = sample_features(self.runner, self.cfg, taus, count, desc)
+        samples = sample_features(self.runner, self.cfg, taus, count, desc, draw=draw)
         result = {
             "sampler": f"{len(indices) - 1}-step",
             "nfe": len(indices) - 1,
@@ -206,8 +234,12 @@ def score_model(cfg: EvalConfig, log: Log = print) -> Scored:
             if not indices:
                 indices, search = ev.search(log)
             plans.append(indices)
+        frechet = runner.identity()["frechet"]
         for indices in plans:
-            result, samples = ev.score(indices, cfg.num_samples, f"{len(indices) - 1}-step")
+            desc = f"{len(indices) - 1}-step"
+            result, samples = over_draws(
+                lambda d, i=indices, s=desc: ev.score(i, cfg.num_samples, s, d), cfg.draws, frechet
+            )
             results.append(result)
             grids.append(samples.images)
         report = _report(cfg, ref, runner.identity(), results, search)
@@ -226,15 +258,21 @@ def score_teacher(cfg: EvalConfig, points: Sequence[int], log: Log = print) -> S
         names = {"frechet": identity["frechet"], "score": identity["score"]}
         results, grids = [], []
         for p in points:
-            samples = sample_features(runner, cfg, (), cfg.num_samples, f"Heun {p} pts", p)
-            result = {
-                "sampler": f"Heun, {p} point{'s' if p > 1 else ''}",
-                "nfe": edm_sampler_nfe(p),
-                "points": p,
-                **figures(samples, ref, names, cfg.pr_k),
-                "samples": cfg.num_samples,
-                "samples_per_s": cfg.num_samples / samples.seconds,
-            }
+
+            def heun(draw: int, p: int = p) -> tuple[dict[str, Any], Samples]:
+                samples = sample_features(
+                    runner, cfg, (), cfg.num_samples, f"Heun {p} pts", p, draw
+                )
+                return {
+                    "sampler": f"Heun, {p} point{'s' if p > 1 else ''}",
+                    "nfe": edm_sampler_nfe(p),
+                    "points": p,
+                    **figures(samples, ref, names, cfg.pr_k),
+                    "samples": cfg.num_samples,
+                    "samples_per_s": cfg.num_samples / samples.seconds,
+                }, samples
+
+            result, samples = over_draws(heun, cfg.draws, names["frechet"])
             results.append(result)
             grids.append(samples.images)
         report = _report(cfg, ref, identity, results, None)

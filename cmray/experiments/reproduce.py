@@ -162,6 +162,7 @@ def eval_config(study: Study, model: str, out: Path) -> EvalConfig:
         batch_size=e.batch_size,
         sampling=SamplingConfig(steps=2, search_samples=e.search_samples),
         seed=e.seed,
+        draws=e.draws,
         workers=e.workers,
         out=str(out),
     )
