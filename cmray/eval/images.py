@@ -13,13 +13,14 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image
+
+from cmray.storage import write_bytes_atomic
 
 MIN_TILE = 64  # pixels: the smallest tile a person can read a 16x16 sample from
 
@@ -85,24 +86,14 @@ def save_samples(images: torch.Tensor, out: str | os.PathLike[str]) -> str:
         raise ValueError(f"--out {out}: the directory is not empty; give a new or empty one")
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "grid":
-        _atomic_file(path, lambda f: save_grid(images, f))
+        write_bytes_atomic(str(path), grid_png(images))
     elif fmt == "npz":
-        _atomic_file(path, lambda f: np.savez(f, arr_0=to_uint8_nhwc(images)))
+        buffer = io.BytesIO()
+        np.savez(buffer, arr_0=to_uint8_nhwc(images))
+        write_bytes_atomic(str(path), buffer.getvalue())
     else:
         _atomic_pngs(to_uint8_nhwc(images), path)
     return fmt
-
-
-def _atomic_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    # A rename in the same directory: a reader never sees half a file under ``path``.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _atomic_pngs(arrays: np.ndarray, path: Path) -> None:
