@@ -7,7 +7,7 @@ import torch
 from scipy import linalg
 
 from cmray.eval.frechet import frechet_distance_of, gaussian_stats
-from cmray.eval.scores import inception_score, precision_recall
+from cmray.eval.scores import inception_score, mean_over_draws, precision_recall
 
 
 def features(n: int, d: int, shift: float, seed: int) -> torch.Tensor:
@@ -45,3 +45,15 @@ def test_precision_and_recall_are_one_for_the_same_set_and_drop_when_disjoint() 
     mixed = torch.cat([features(250, 8, 0.0, 5), far[:250]])
     p, r = precision_recall(real, mixed)
     assert 0.35 < p < 0.55 and r > 0.5
+
+
+def test_mean_over_draws_keeps_the_first_draw_and_states_the_spread() -> None:
+    draws = [{"fd": 10.0, "is": 2.0, "n": 5}, {"fd": 14.0, "is": 4.0, "n": 9}]
+    out = mean_over_draws(draws, means=["fd", "is"], spread=["fd"])
+    assert out["fd"] == 12.0 and out["is"] == 3.0
+    assert out["n"] == 5 and out["draws"] == 2  # not averaged: the first draw's
+    assert out["fd_draws"] == [10.0, 14.0]
+    assert abs(out["fd_sd"] - 2.0**1.5) < 1e-12  # sample sd of 10 and 14: sqrt(8)
+    assert "is_sd" not in out
+    one = mean_over_draws(draws[:1], means=["fd"], spread=["fd"])
+    assert one["fd_sd"] == 0.0 and one["fd"] == 10.0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from cmray.eval.reference import (
     summarize,
 )
 from cmray.eval.runner import Runner
-from cmray.eval.scores import inception_score, precision_recall
+from cmray.eval.scores import inception_score, mean_over_draws, precision_recall
 from cmray.eval.search import greedy_indices
 from cmray.models import ModelConfig
 from cmray.storage import join_url, write_bytes_atomic
@@ -141,15 +140,9 @@ def over_draws(
     Frechet figure's spread and values beside it (``<name>_sd``, ``<name>_draws``); the
     samples are the first draw's."""
     scored = [score(d) for d in range(draws)]
-    first, samples = scored[0]
-    result = dict(first, draws=draws)
-    for key, value in first.items():
-        if isinstance(value, float) and key != "samples_per_s":
-            result[key] = statistics.fmean(r[key] for r, _ in scored)
-    values = [r[frechet] for r, _ in scored]
-    result[f"{frechet}_sd"] = statistics.stdev(values) if draws > 1 else 0.0
-    result[f"{frechet}_draws"] = values
-    return result, samples
+    reports = [report for report, _ in scored]
+    means = [k for k, v in reports[0].items() if isinstance(v, float) and k != "samples_per_s"]
+    return mean_over_draws(reports, means, [frechet]), scored[0][1]
 
 
 def grid_size(cfg: EvalConfig, model: ModelConfig) -> int:

@@ -7,6 +7,9 @@ computed, so the same code serves the Inception network, a small classifier, or 
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -55,3 +58,19 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
     precision = manifold_coverage(fake, real, knn_radii(real, k))
     recall = manifold_coverage(real, fake, knn_radii(fake, k))
     return precision, recall
+
+
+def mean_over_draws(
+    entries: Sequence[dict[str, Any]], means: Iterable[str], spread: Iterable[str]
+) -> dict[str, Any]:
+    """One sampler's reports of several draws as one: the first draw's, with ``draws``, each key
+    of ``means`` replaced by its mean over the draws, and for each key of ``spread`` its sample
+    standard deviation (``<key>_sd``, 0 for one draw) and every draw's value (``<key>_draws``)."""
+    out = dict(entries[0], draws=len(entries))
+    for key in means:
+        out[key] = statistics.fmean(e[key] for e in entries)
+    for key in spread:
+        values = [e[key] for e in entries]
+        out[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out[f"{key}_draws"] = values
+    return out
