@@ -199,6 +199,13 @@ def test_targets_are_ratios_to_the_teacher_and_to_the_papers_ct() -> None:
     assert again["two-step CD within 1.2x of the teacher"]["met"] is True
 
 
+def test_a_suite_without_a_method_has_no_target_for_it() -> None:
+    rows = [_row("CD pH", "cd", "cd", 15.0, 12.0), _row("ECT", "ect", "ct", 25.0, 20.0)]
+    names = {t["target"] for t in targets(_results(rows))}
+    assert "one-step ECT within 2x of the teacher" in names
+    assert not any("paper's CT" in n or "sCT" in n or "iCT" in n for n in names)
+
+
 def test_the_table_reads_like_the_papers_and_names_a_failed_row() -> None:
     rows = [
         _row("CD", "cd", "cd", 15.0, 12.0),
