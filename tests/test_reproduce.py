@@ -204,6 +204,9 @@ def test_a_suite_without_a_method_has_no_target_for_it() -> None:
     names = {t["target"] for t in targets(_results(rows))}
     assert "one-step ECT within 2x of the teacher" in names
     assert not any("paper's CT" in n or "sCT" in n or "iCT" in n for n in names)
+    assert "one-step ECT better than its teacher's one step" in names
+    without_ect = {t["target"] for t in targets(_results(rows[:1]))}
+    assert not any("ECT" in n for n in without_ect)
 
 
 def test_the_table_reads_like_the_papers_and_names_a_failed_row() -> None:
@@ -391,7 +394,14 @@ def test_a_miniature_study_runs_as_one_search_and_reports_every_row(
     assert bad["status"] == "error" and "NonFiniteLossError" in bad["error"]
     search = (out / "students" / "results.csv").read_text().splitlines()
     assert search[0].startswith("trial,status,variant") and len(search) == 3
-    assert results["floor"] > 0 and len(results["targets"]) == 13
+    assert results["floor"] > 0
+    # Only the methods that ran have targets: CD's two and the diverged iCT row's one.
+    assert [t["target"] for t in results["targets"]] == [
+        "one-step CD within 1.5x of the teacher",
+        "two-step CD within 1.2x of the teacher",
+        "one-step iCT (from scratch) within 3x of the teacher",
+    ]
+    assert results["targets"][2]["met"] is None  # a failed row has no figure to compare
     assert results["floor_name"] == "Test images against training"  # 40 of the 60 test images
 
     text = (out / "table.md").read_text()
