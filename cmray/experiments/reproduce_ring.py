@@ -343,7 +343,7 @@ def run_ring_study(cfg: ReproduceConfig, log: Log = print) -> dict[str, Any]:
     ray_init()
     parent = report.open_parent(study)
     rows = timed("students", lambda: run_search(study.search, log).rows)
-    panels, scored, teacher_results = timed("scoring", lambda: _score_all(study, rows))
+    panels, scored, teacher_results = timed("scoring", lambda: _score_all(study, rows, log))
     results = assemble(study, state, teacher_results, scored)
     paths = report.write_all(study, results, lambda p: scatter_figure(study, panels, p), log)
     report.close_parent(study, parent, results, paths)
@@ -351,17 +351,20 @@ def run_ring_study(cfg: ReproduceConfig, log: Log = print) -> dict[str, Any]:
 
 
 def _score_all(
-    study: RingStudy, rows: list[dict[str, Any]]
+    study: RingStudy, rows: list[dict[str, Any]], log: Log
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, Any]]]:
     """The teacher's and every row's figures on the same noise, and the one-step samples."""
     from cmray.train.worker import _toy_teacher
 
     teacher = _toy_teacher(study.toy, study.search.teacher_path)
     bench = Bench.of(study)
+    # Each score is a mean over several draws, so the whole phase takes minutes: say where it is.
+    log(f"scoring the teacher over {len(bench.zs)} draws")
     teacher_results = score_teacher(study, bench, teacher)
     own = sample_teacher_ode(teacher, bench.z, _own_grid(study), study.toy.teacher.solver).x
     panels, scored = {"teacher": own}, []
     for row in in_order([r.name for r in study.cfg.students.rows], rows):
+        log(f"scoring {row[VARIANT_KEY]}")
         entry, one = score_row(study, bench, row, teacher)
         scored.append(entry)
         if one is not None:
