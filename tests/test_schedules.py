@@ -44,6 +44,12 @@ def test_paper_variant_divides_by_N():
         schedules.ct_schedule(0, 100, 2, 150, 0.95, variant="other")
 
 
+def test_mu0_zero_is_the_limit_no_ema_target_at_every_k() -> None:
+    # The config accepts mu0 = 0 (iCT's "no EMA target" in CT's curriculum): ln 0 must not raise.
+    for k in (0, 50, 100):
+        assert schedules.ct_schedule(k, 100, 2, 150, 0.0)[1] == 0.0
+
+
 def test_ct_schedule_is_monotone_in_k():
     K = 10_000
     values = [schedules.ct_schedule(k, K, 2, 150, 0.95) for k in range(0, K + 1, 50)]

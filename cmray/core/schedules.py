@@ -78,6 +78,8 @@ def ct_mu(N: int, s0: int, mu0: float, variant: MuVariant = "official") -> float
         denominator = N
     else:
         raise ValueError(f"mu variant {variant!r}: choose 'official' or 'paper'")
+    if mu0 == 0:
+        return 0.0  # the limit: no EMA target (the target is the online net, as in iCT)
     return math.exp(s0 * math.log(mu0) / denominator)
 
 
