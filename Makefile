@@ -49,7 +49,7 @@ demo: $(STAMP)
 # The paper's Table 2 in miniature on the bundled digits: an EDM teacher trained until its
 # 35-NFE figure levels off, then CD, CT, iCT, ECT, sCT and sCD as one Ray Tune grid, each scored
 # one- and two-step -> runs/reproduce/digits/{results.json,table.md,samples.png,nfe.png}
-# (under an hour on 2 cores; re-running resumes). SUITE=digits; STUDY_OUT moves the directory.
+# (the digits: about 3.5 hours on 2 cores; re-running resumes). SUITE=digits; STUDY_OUT moves it.
 # SUITE=fashion: Fashion-MNIST (its official files from Debian's dataset-fashion-mnist, installed
 # here when apt-get can; elsewhere the source downloads them once); SUITE=ring: the 2D ring.
 SUITE ?= digits
