@@ -123,6 +123,10 @@ def test_a_checkpoint_without_its_markers_is_never_loaded(digits16: str, tmp_pat
     run_local(cfg, tmp_path, log=lambda _: None)
     root = tmp_path / "checkpoints"
     assert ckpt.latest_checkpoint(root).name == "step-000000006"
+    # The local run's own directory names its newest checkpoint, as a Ray Train run's does.
+    from cmray.models.checkpoints import checkpoint_state
+
+    assert checkpoint_state(str(tmp_path))[1].endswith("step-000000006/state.pt")
     (root / "step-000000006" / "complete-rank0.json").unlink()
     assert ckpt.latest_checkpoint(root).name == "step-000000003"
     trainer = build_trainer(cfg, torch.device("cpu"))

@@ -94,7 +94,9 @@ def checkpoint_state(source: str) -> tuple[fsspec.AbstractFileSystem, str]:
     directory's newest complete checkpoint. FileNotFoundError names what was looked for."""
     fs, path = url_to_fs(source.rstrip("/") + "/" + STATE_FILE)
     if not fs.exists(path) and "://" not in source:  # a local run directory: its newest
-        newest = latest_checkpoint(source)
+        # Ray Train keeps checkpoints in the run's directory, `train.py --local` in its
+        # checkpoints/ folder: the same run directory works for both.
+        newest = latest_checkpoint(source) or latest_checkpoint(Path(source) / "checkpoints")
         if newest is not None:
             fs, path = url_to_fs(str(newest / STATE_FILE))
     if not fs.exists(path):
