@@ -36,8 +36,8 @@ lock: $(STAMP)
 # The whole small pipeline: real images -> local shards -> CT on 2 Ray Train CPU workers ->
 # checkpoints -> one- and two-step samples scored on 2 Ray actors with the digits-classifier
 # proxy (not FID) -> runs/demo/eval/{eval.json,samples.png} (4 min 19 s to 7 min 23 s on 2
-# cores from a fresh clone; about 16.5 min on 2 cores 2-3x slower per step), and one line with the figures beside the reproduction study's
-# teacher and real against real.
+# cores from a fresh clone; about 16.5 min on 2 cores 2-3x slower a step), and one line with
+# the figures beside the reproduction study's teacher and real against real.
 # The setting is the study's best without a teacher (iCT): no teacher fits the demo's minutes
 # (the study's took 28), and CT with the paper's schedule did not learn at this budget.
 demo: $(STAMP)

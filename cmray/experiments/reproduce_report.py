@@ -128,7 +128,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         if which in ran
     ]
     paper_ct = _best(rows, 1, metric, _keep("ct"))
-    for method in [m for m in PAPER_CT_RIVALS if m in ran] if "ct" in ran else ():
+    for method in (m for m in PAPER_CT_RIVALS if m in ran and "ct" in ran):
         value = ratio(_best(rows, 1, metric, _keep(method)), paper_ct)
         found.append((f"{method.upper()} one-step better than the paper's CT", value, 1.0))
     own_one_step = _teacher_at(results, 1)

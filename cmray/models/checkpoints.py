@@ -25,6 +25,8 @@ import torch
 from cmray.storage import is_local, url_to_fs
 
 STATE_FILE = "state.pt"
+# Where ``run_local`` keeps its checkpoints inside its run directory (Ray Train: the directory).
+LOCAL_CHECKPOINTS = "checkpoints"
 # Ours (``run_local``) and Ray Train's (``checkpoint_<timestamp>``) checkpoint directories.
 CHECKPOINT_DIR = re.compile(r"^(step-\d{9}|checkpoint_.+)$")
 
@@ -94,9 +96,8 @@ def checkpoint_state(source: str) -> tuple[fsspec.AbstractFileSystem, str]:
     directory's newest complete checkpoint. FileNotFoundError names what was looked for."""
     fs, path = url_to_fs(source.rstrip("/") + "/" + STATE_FILE)
     if not fs.exists(path) and "://" not in source:  # a local run directory: its newest
-        # Ray Train keeps checkpoints in the run's directory, `train.py --local` in its
-        # checkpoints/ folder: the same run directory works for both.
-        newest = latest_checkpoint(source) or latest_checkpoint(Path(source) / "checkpoints")
+        # The same run directory works for a Ray Train run and a `train.py --local` one.
+        newest = latest_checkpoint(source) or latest_checkpoint(Path(source) / LOCAL_CHECKPOINTS)
         if newest is not None:
             fs, path = url_to_fs(str(newest / STATE_FILE))
     if not fs.exists(path):

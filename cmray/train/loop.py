@@ -373,7 +373,7 @@ def run_local(
     SIGTERM checkpoints the current step and raises ``PreemptedError``."""
     out = Path(out)
     trainer = build_trainer(cfg, torch.device(device))
-    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    latest = ckpt.latest_checkpoint(out / ckpt.LOCAL_CHECKPOINTS)
     if latest is not None:
         ckpt.load_checkpoint(trainer.state, latest, rank=0)
         log(f"resumed from {latest} at step {trainer.state.step}")
@@ -394,7 +394,7 @@ def run_local(
         if tracker is not None:
             tracker.log_metrics(metrics, trainer.state.step)
         if save:
-            path = out / "checkpoints" / ckpt.checkpoint_name(trainer.state.step)
+            path = out / ckpt.LOCAL_CHECKPOINTS / ckpt.checkpoint_name(trainer.state.step)
             ckpt.save_checkpoint(trainer.state, path, rank=0, world_size=1)
 
     def sample(step: int, images: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 from cmray.core.ema import EMABank
 from cmray.models.checkpoints import (  # noqa: F401 - the layout, re-exported for writers
     CHECKPOINT_DIR,
+    LOCAL_CHECKPOINTS,
     STATE_FILE,
     IncompleteCheckpointError,
     checkpoint_name,
