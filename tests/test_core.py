@@ -235,6 +235,28 @@ def test_ema_bank_tracks_each_rate():
     assert not any(p.requires_grad for p in bank.parameters())
 
 
+def test_ema_warmup_caps_the_half_life_at_a_fraction_of_the_steps():
+    assert ema.ema_rate_rampup(0.999, 0, 0.05) == 0.0  # the first step copies the online net
+    capped = ema.ema_rate_rampup(0.999, 400, 0.05)
+    assert capped**20 == pytest.approx(0.5)  # half-life 0.05 * 400 = 20 steps
+    assert ema.ema_rate_rampup(0.999, 100_000, 0.05) == 0.999  # 693 < 5,000: the rate rules
+    assert ema.ema_rate_rampup(0.999, 400, 0.0) == 0.999  # off
+    assert ema.ema_rate_rampup(0.0, 400, 0.05) == 0.0
+
+
+def test_ema_bank_with_warmup_forgets_its_random_start():
+    torch.manual_seed(0)
+    online = nn.Linear(2, 2)
+    plain, warm = ema.EMABank(online, [0.999]), ema.EMABank(online, [0.999], rampup=0.05)
+    with torch.no_grad():
+        online.weight.add_(1.0)
+    for k in range(3):
+        plain.update_(online, k)
+        warm.update_(online, k)
+    assert torch.equal(warm.copies[0].weight, online.weight)  # step 0 copied it; it stayed
+    assert not torch.allclose(plain.copies[0].weight, online.weight, atol=0.5)
+
+
 def test_samplers_count_network_evaluations():
     calls = []
 

@@ -29,6 +29,21 @@ def ema_update_(target: nn.Module, online: nn.Module, mu: float) -> None:
         t_buf.copy_(o_buf)
 
 
+def ema_rate_rampup(rate: float, k: int, ratio: float) -> float:
+    """EDM's EMA warm-up (Karras et al. 2022, training_loop.py, ema_rampup_ratio): the rate at
+    step k whose half-life is at most ``ratio`` of the steps taken so far.
+
+    Without it a copy started from random weights still holds rate^k of them after k steps
+    (0.999: 67% at 400 steps). ratio = 0 turns the warm-up off.
+    """
+    if ratio <= 0.0 or rate == 0.0:
+        return rate
+    if k == 0:
+        return 0.0
+    # A rate's half-life in steps is ln 0.5 / ln rate; cap it at ratio * k.
+    return min(rate, 0.5 ** (1.0 / (ratio * k)))
+
+
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A copy that takes no gradient: the starting point of a target or EMA network."""
     clone = copy.deepcopy(module)
@@ -39,14 +54,16 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 class EMABank(nn.Module):
     """EMA copies of the online network at fixed rates, for sampling (not the CM target)."""
 
-    def __init__(self, online: nn.Module, rates: Iterable[float]):
+    def __init__(self, online: nn.Module, rates: Iterable[float], rampup: float = 0.0):
         super().__init__()
         self.rates = tuple(float(r) for r in rates)
+        self.rampup = float(rampup)
         self.copies = nn.ModuleList(frozen_copy(online) for _ in self.rates)
 
-    def update_(self, online: nn.Module) -> None:
+    def update_(self, online: nn.Module, k: int = 0) -> None:
+        """One EMA step after optimiser step ``k`` (0-based: the warm-up needs it)."""
         for rate, ema in zip(self.rates, self.copies, strict=True):
-            ema_update_(ema, online, rate)
+            ema_update_(ema, online, ema_rate_rampup(rate, k, self.rampup))
 
     def by_rate(self, rate: float) -> nn.Module:
         return self.copies[self.rates.index(rate)]

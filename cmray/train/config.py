@@ -224,6 +224,14 @@ class LoopConfig:
         default_factory=lambda: [0.9999, 0.99994, 0.9999432189950708],
         help="EMA copies kept for sampling (reference LSUN rates)",
     )
+    ema_rampup: float = param(
+        0.0,
+        help="EMA warm-up: each copy's half-life at most this fraction of the steps so far "
+        "(EDM: 0.05; 0: off, as in openai/consistency_models, whose runs start from a teacher "
+        "or run 800k steps)",
+        ge=0,
+        lt=1,
+    )
     seed: int = param(0, help="seed of weights, noise and data order", ge=0)
     log_every: int = param(10, help="report metrics every K steps", ge=1)
     checkpoint_every: int = param(500, help="save a checkpoint every K steps", ge=1)

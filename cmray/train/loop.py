@@ -186,7 +186,7 @@ def build_trainer(
     online = online.to(device, memory_format=torch.channels_last)
     # Only CD and CT keep an EMA target network; ECT and sCM use stopgrad(theta) itself.
     target = frozen_copy(online) if cfg.objective.kind in ("cd", "ct") else None
-    ema = EMABank(online, cfg.loop.ema_rates)
+    ema = EMABank(online, cfg.loop.ema_rates, cfg.loop.ema_rampup)
     online = wrap(online)
     scaler = torch.amp.GradScaler(device.type) if cfg.loop.precision == "fp16" else None
     optimizer = make_optimizer(cfg, online.parameters())

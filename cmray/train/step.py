@@ -168,4 +168,4 @@ def _update_copies(state: TrainState, mu: float | None) -> None:
     online = unwrap(state.online)
     if mu is not None and state.target is not None:
         ema_update_(state.target, online, mu)
-    state.ema.update_(online)
+    state.ema.update_(online, state.step)
