@@ -3,6 +3,7 @@ of the whole study on real shards, a real Ray (Tune over Train trials) and a rea
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -284,6 +285,36 @@ def test_a_cd_student_starts_from_its_teachers_weights_as_the_papers_code_does(
     assert any(not torch.equal(fresh[k], v) for k, v in teacher.net.state_dict().items())
 
 
+def test_a_rows_fingerprint_is_what_it_trains_read_back_from_its_checkpoint(
+    digits16: str, tmp_path: Path
+) -> None:
+    from test_train import tiny_config
+
+    from cmray.config import to_dict
+    from cmray.experiments.reproduce import row_fingerprint, trained_fingerprint
+    from cmray.models.checkpoints import checkpoint_name
+    from cmray.train.config import TrainConfig
+    from cmray.train.loop import build_trainer
+    from cmray.train.state import save_checkpoint
+
+    cfg = tiny_config(digits16)
+    trainer = build_trainer(cfg, torch.device("cpu"))
+    run = tmp_path / "trial_x"
+    save_checkpoint(trainer.state, run / checkpoint_name(0), rank=0, world_size=1)
+    assert trained_fingerprint(str(run)) == row_fingerprint(cfg)
+    moved = copy.deepcopy(cfg)
+    moved.run.name, moved.run.storage_path = "elsewhere", str(tmp_path / "other")
+    assert row_fingerprint(moved) == row_fingerprint(cfg)  # where it is kept is not what it is
+    changed = copy.deepcopy(cfg)
+    changed.loop.ema_rampup = 0.05
+    assert row_fingerprint(changed) != row_fingerprint(cfg)
+    # A config saved before a field existed reads as that field's default.
+    older = to_dict(cfg)
+    del older["loop"]["ema_rampup"]
+    assert row_fingerprint(from_dict(TrainConfig, older)) == row_fingerprint(cfg)
+    assert trained_fingerprint(str(tmp_path / "nothing")) is None
+
+
 def test_checkpoint_at_finds_a_kept_step_and_only_that(digits16: str, tmp_path: Path) -> None:
     from test_train import tiny_config
 
@@ -354,15 +385,8 @@ def miniature(tmp_path: Path, mlflow: str) -> dict:
     }
 
 
-@pytest.mark.slow
-def test_a_miniature_study_runs_as_one_search_and_reports_every_row(
-    ray_cluster: str, mlflow_server: str, tmp_path: Path
-) -> None:
-    from mlflow import MlflowClient
-
-    config = tmp_path / "study.yaml"
-    config.write_text(yaml.safe_dump(miniature(tmp_path, mlflow_server)))
-    log = tmp_path / "study.log"
+def study_cli(config: Path, log: Path, ray_cluster: str) -> None:
+    """``pipelines/reproduce.py --config`` on the test's Ray; its output in ``log``."""
     with log.open("w") as fh:
         proc = subprocess.run(
             [sys.executable, str(ROOT / "pipelines" / "reproduce.py"), "--config", str(config)],
@@ -373,6 +397,18 @@ def test_a_miniature_study_runs_as_one_search_and_reports_every_row(
             timeout=900,
         )
     assert proc.returncode == 0, log.read_text()[-4000:]
+
+
+@pytest.mark.slow
+def test_a_miniature_study_runs_as_one_search_and_reports_every_row(
+    ray_cluster: str, mlflow_server: str, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(miniature(tmp_path, mlflow_server)))
+    log = tmp_path / "study.log"
+    study_cli(config, log, ray_cluster)
     out = tmp_path / "study"
     results = json.loads((out / "results.json").read_text())
 
@@ -429,6 +465,27 @@ def test_a_miniature_study_runs_as_one_search_and_reports_every_row(
     assert len(scored) == 1
     assert scored[0].data.metrics["eval_2step_fd_fashion"] == pytest.approx(
         cd["results"][1]["fd_fashion"]
+    )
+
+    # Re-run with the failed row's settings changed: CD stands (same model, not rescored),
+    # the changed row alone trains, as a new search named after what it trains.
+    scored_at = (out / "rows" / "cd" / "eval.json").stat().st_mtime_ns
+    study = yaml.safe_load(config.read_text())
+    study["students"]["rows"][1]["set"] = ["loop.nonfinite_limit=1"]
+    config.write_text(yaml.safe_dump(study))
+    study_cli(config, log, ray_cluster)
+    again = json.loads((out / "results.json").read_text())
+    cd_again, fixed = again["rows"]
+    assert cd_again["trial"] == cd["trial"] and cd_again["results"] == cd["results"]
+    assert (out / "rows" / "cd" / "eval.json").stat().st_mtime_ns == scored_at
+    assert fixed["status"] == "finished" and fixed["trial"] != bad["trial"]
+    trained = json.loads((out / "students.json").read_text())
+    assert trained["CD"]["search"] == "students"
+    assert trained["Diverges"]["search"].startswith("students-")
+    assert Path(trained["Diverges"]["run"]).is_dir()
+    assert (
+        json.loads((out / "rows" / "diverges" / "eval.json").read_text())["model"]
+        == (trained["Diverges"]["run"])
     )
 
 

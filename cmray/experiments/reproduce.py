@@ -19,13 +19,15 @@ a crash continues where the study stopped.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cmray.config import ConfigError, dump_yaml, load_config, to_dict
+from cmray.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
 from cmray.data.config import PrepareConfig
 from cmray.eval.config import FRECHET_NAMES, EvalConfig, SamplingConfig
 from cmray.experiments.reproduce_config import (
@@ -54,7 +56,14 @@ from cmray.experiments.study import (
 )
 from cmray.storage import absolute
 from cmray.train.config import TrainConfig
-from cmray.tune.config import VARIANT_KEY, SearchPlan, TuneConfig, VariantConfig, plan_search
+from cmray.tune.config import (
+    VARIANT_KEY,
+    SearchParam,
+    SearchPlan,
+    TuneConfig,
+    VariantConfig,
+    plan_search,
+)
 
 Log = Callable[[str], None]
 TEACHER_RUN = "teacher"
@@ -73,6 +82,7 @@ class Study:
     search: SearchPlan
     metric: str
     timings: dict[str, float] = field(default_factory=dict)
+    runs: dict[str, str] = field(default_factory=dict)  # each row's Train run, once trained
 
     @property
     def manifest(self) -> str:
@@ -215,12 +225,85 @@ def train_teacher(study: Study, log: Log) -> dict[str, Any]:
     return state
 
 
+TRAINED_FILE = "students.json"  # in the study's directory: each row's run and fingerprint
+
+
+def row_fingerprint(cfg: TrainConfig) -> str:
+    """What a row trains, not where its run is kept: equal fingerprints, the same row."""
+    from cmray.train.worker import absolute_paths
+
+    data = to_dict(absolute_paths(cfg))
+    data.pop("tracking")
+    for where in ("name", "storage_path"):
+        data["run"].pop(where)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trained_fingerprint(run: str) -> str | None:
+    """The fingerprint of the config a row's model was trained with, read from its newest
+    checkpoint (None where there is none, or its config no longer loads)."""
+    from cmray.models.files import ModelSourceError, read_source
+
+    try:
+        return row_fingerprint(from_dict(TrainConfig, read_source(run)["config"]))
+    except (ModelSourceError, ConfigError, KeyError, OSError):
+        return None
+
+
+def _rows_plan(study: Study, names: list[str], fingerprints: list[str], fresh: bool) -> SearchPlan:
+    """A search over some of the rows, named after what it trains so that a restarted study
+    finds it again (a fresh study's first search keeps the plain name)."""
+    cfg = study.search.cfg
+    name = STUDENTS_RUN
+    if not fresh:
+        name += "-" + hashlib.sha256(" ".join(fingerprints).encode()).hexdigest()[:8]
+    return plan_search(
+        replace(
+            cfg,
+            space=[SearchParam(VARIANT_KEY, "grid", names)],
+            variants=[v for v in cfg.variants if v.name in names],
+            run=replace(cfg.run, name=name),
+        )
+    )
+
+
+def _ledger_entry(plan: SearchPlan, row: dict[str, Any], wanted: str) -> dict[str, Any]:
+    run = plan.trial_run_key(row["trial"])
+    trained = wanted if row["status"] == "error" else trained_fingerprint(run)
+    return {**row, "run": run, "search": plan.cfg.run.name, "fingerprint": trained}
+
+
+def _kept(entry: dict[str, Any] | None, wanted: str) -> bool:
+    """Whether a row trained before stands: it finished, with the settings asked for now."""
+    return entry is not None and entry["status"] != "error" and entry["fingerprint"] == wanted
+
+
 def train_students(study: Study, log: Log) -> list[dict[str, Any]]:
-    """The rows as one Tune grid search (restored, not repeated, when the study re-runs)."""
+    """The rows as Tune grid searches. A row trained before with its config as it stands now
+    is kept with its model; the rest run as one search (resumed, not repeated, when the study
+    re-runs). A row whose config changed is retrained, never reported from its old model."""
     from cmray.tune.search import run_search
 
-    outcome = run_search(study.search, log)
-    return outcome.rows
+    path = study.out / TRAINED_FILE
+    ledger: dict[str, Any] = read_json(path) or {}
+    fresh = not ledger
+    names = [r.name for r in study.cfg.students.rows]
+    wanted = {n: row_fingerprint(study.search.trial_config({VARIANT_KEY: n})) for n in names}
+    todo = [n for n in names if not _kept(ledger.get(n), wanted[n])]
+    for attempt in range(2):  # the second only for rows a restored search trained otherwise
+        if not todo:
+            break
+        plan = _rows_plan(study, todo, [wanted[n] for n in todo], fresh and attempt == 0)
+        for row in run_search(plan, log).rows:
+            ledger[row[VARIANT_KEY]] = _ledger_entry(plan, row, wanted[row[VARIANT_KEY]])
+        write_json(path, ledger)
+        todo = [n for n in todo if ledger[n]["fingerprint"] != wanted[n]]
+        if todo and attempt == 0:
+            log(f"retraining the rows whose settings changed since they trained: {todo}")
+    if todo:
+        raise RuntimeError(f"rows {todo} trained with other settings than asked, twice over")
+    study.runs = {n: ledger[n]["run"] for n in names}
+    return [ledger[n] for n in names]
 
 
 def score_row(study: Study, row: dict[str, Any], log: Log) -> dict[str, Any]:
@@ -237,11 +320,11 @@ def score_row(study: Study, row: dict[str, Any], log: Log) -> dict[str, Any]:
     entry["images"] = trained.loop.steps * global_batch(trained)
     entry["train_s"] = row.get("train_s", math.nan)
     if row["status"] == "error":
-        return {**entry, "error": error_line(study.out / STUDENTS_RUN, row["trial"])}
+        return {**entry, "error": error_line(study.out / row["search"], row["trial"])}
+    model = row["run"]
     saved = read_json(out / "eval.json")
-    if saved is None:
+    if saved is None or saved["model"] != model:  # a retrained row is scored again
         log(f"scoring {name}")
-        model = study.search.trial_run_key(row["trial"])
         scored = score_model(eval_config(study, model, out), log)
         save_images(out / "images.pt", scored.images)
         write_report(str(out), scored)
@@ -282,7 +365,7 @@ def assemble(
     """results.json's content: the teacher, every row, the floor, the budget, the targets."""
     for entry in teacher_eval["results"]:
         entry["baseline"] = entry["points"] == study.cfg.teacher.points
-    base = study.search.trial_config({VARIANT_KEY: rows[0]["name"]})
+    base = from_dict(TrainConfig, study.search.base)  # the shared budget, before any row's own
     batch = global_batch(base)
     results = {
         "suite": study.cfg.suite,
@@ -292,8 +375,8 @@ def assemble(
         "timings_s": study.timings,
         **floor(study, teacher_eval),
         "budget_line": (
-            f"Rows from the teacher: {base.loop.steps} steps of {batch} images "
-            f"({base.loop.steps * batch} training images); the teacher: "
+            f"Each row: {base.loop.steps} steps of {batch} images "
+            f"({base.loop.steps * batch} training images) unless it sets its own; the teacher: "
             f"{teacher['curve'][-1]['step']} steps of {global_batch(study.teacher_cfg)}."
         ),
         "teacher": {**teacher, "results": teacher_eval["results"]},

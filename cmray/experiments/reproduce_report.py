@@ -71,6 +71,7 @@ class StudyLike(Protocol):
     search: Any
     metric: str
     timings: dict[str, float]
+    runs: dict[str, str]  # each row's Train run (its MLflow run key)
 
 
 # --------------------------------------------------------------------------- results
@@ -349,8 +350,7 @@ def log_row(study: StudyLike, row: dict[str, Any]) -> None:
     for e in row["results"]:
         for key in (study.metric, "ratio_to_teacher"):
             metrics[f"eval_{e['nfe']}step_{key}"] = e[key]
-    key = study.search.trial_run_key(row["trial"])
-    tracker = Tracker(_quiet(study), row["name"], key)
+    tracker = Tracker(_quiet(study), row["name"], study.runs[row["name"]])
     tracker.log_metrics(_finite(metrics), 0)
     tracker.close()
 

@@ -66,6 +66,7 @@ class RingStudy:
     search: SearchPlan
     metric: str = TOY_METRIC
     timings: dict[str, float] = field(default_factory=dict)
+    runs: dict[str, str] = field(default_factory=dict)  # each row's Train run, once trained
 
 
 def plan_ring(cfg: ReproduceConfig) -> RingStudy:
@@ -343,6 +344,7 @@ def run_ring_study(cfg: ReproduceConfig, log: Log = print) -> dict[str, Any]:
     ray_init()
     parent = report.open_parent(study)
     rows = timed("students", lambda: run_search(study.search, log).rows)
+    study.runs = {r[VARIANT_KEY]: study.search.trial_run_key(r["trial"]) for r in rows}
     panels, scored, teacher_results = timed("scoring", lambda: _score_all(study, rows, log))
     results = assemble(study, state, teacher_results, scored)
     paths = report.write_all(study, results, lambda p: scatter_figure(study, panels, p), log)
