@@ -297,7 +297,8 @@ def train_students(study: Study, log: Log) -> list[dict[str, Any]]:
         for row in run_search(plan, log).rows:
             ledger[row[VARIANT_KEY]] = _ledger_entry(plan, row, wanted[row[VARIANT_KEY]])
         write_json(path, ledger)
-        todo = [n for n in todo if ledger[n]["fingerprint"] != wanted[n]]
+        # (a restored search may also lack a row added since)
+        todo = [n for n in todo if ledger.get(n, {}).get("fingerprint") != wanted[n]]
         if todo and attempt == 0:
             log(f"retraining the rows whose settings changed since they trained: {todo}")
     if todo:
