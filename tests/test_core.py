@@ -229,7 +229,7 @@ def test_ema_bank_tracks_each_rate():
     start = online.weight.detach().clone()
     with torch.no_grad():
         online.weight.add_(1.0)
-    bank.update_(online)
+    bank.update_(online, 0)
     assert torch.allclose(bank.by_rate(0.5).weight, start + 0.5)
     assert torch.allclose(bank.by_rate(0.9).weight, start + 0.1)
     assert not any(p.requires_grad for p in bank.parameters())

@@ -60,7 +60,7 @@ class EMABank(nn.Module):
         self.rampup = float(rampup)
         self.copies = nn.ModuleList(frozen_copy(online) for _ in self.rates)
 
-    def update_(self, online: nn.Module, k: int = 0) -> None:
+    def update_(self, online: nn.Module, k: int) -> None:
         """One EMA step after optimiser step ``k`` (0-based: the warm-up needs it)."""
         for rate, ema in zip(self.rates, self.copies, strict=True):
             ema_update_(ema, online, ema_rate_rampup(rate, k, self.rampup))

@@ -236,7 +236,11 @@ def row_fingerprint(cfg: TrainConfig) -> str:
     data.pop("tracking")
     for where in ("name", "storage_path"):
         data["run"].pop(where)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return _digest(json.dumps(data, sort_keys=True))[:16]
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def trained_fingerprint(run: str) -> str | None:
@@ -256,7 +260,7 @@ def _rows_plan(study: Study, names: list[str], fingerprints: list[str], fresh: b
     cfg = study.search.cfg
     name = STUDENTS_RUN
     if not fresh:
-        name += "-" + hashlib.sha256(" ".join(fingerprints).encode()).hexdigest()[:8]
+        name += "-" + _digest(" ".join(fingerprints))[:8]
     return plan_search(
         replace(
             cfg,
