@@ -118,6 +118,25 @@ def test_resume_equals_uninterrupted_bit_for_bit(digits16: str, tmp_path: Path) 
     assert len(set(straight.values())) == 12
 
 
+def test_a_run_resumes_only_with_the_settings_it_was_trained_with(
+    digits16: str, tmp_path: Path
+) -> None:
+    cfg = tiny_config(digits16, steps=3)
+    run_local(cfg, tmp_path, log=lambda _: None)
+    changed = copy.deepcopy(cfg)
+    changed.optim.lr, changed.loop.ema_rates = cfg.optim.lr * 2, [0.99]
+    with pytest.raises(ConfigError, match=r"optim\.lr: \S+ -> \S+; loop\.ema_rates.*run\.name"):
+        run_local(changed, tmp_path, log=lambda _: None)
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step-000000003"
+    moved = copy.deepcopy(cfg)  # where the teacher is kept, how long and on what: not what
+    moved.objective.cd.teacher, moved.run.num_workers = "s3://elsewhere/teacher", 2
+    assert moved.resume_changes(cfg) == []
+    lines: list[str] = []
+    run_local(tiny_config(digits16, steps=6), tmp_path, log=lines.append)
+    assert any(line.startswith("resumed from") for line in lines)
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step-000000006"
+
+
 def test_a_checkpoint_without_its_markers_is_never_loaded(digits16: str, tmp_path: Path) -> None:
     cfg = tiny_config(digits16, steps=6)
     run_local(cfg, tmp_path, log=lambda _: None)

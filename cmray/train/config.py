@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from cmray.config import ConfigError, param, to_dict
+from cmray.config import ConfigError, flatten, param, to_dict
 from cmray.data.config import StreamConfig
 from cmray.eval.config import QualityConfig
 from cmray.models.config import ModelConfig, NoiseConfig
@@ -292,6 +292,11 @@ class RayConfig:
         return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
 
+# What a resumed run must share with the run it continues, as dotted key prefixes.
+RESUME_FIXED = ("net.", "objective.", "optim.", "loop.ema_rates", "loop.ema_rampup", "loop.seed")
+MODEL_LOCATIONS = (".teacher", ".init", "_weights")
+
+
 @dataclass
 class TrainConfig:
     """A whole training run."""
@@ -310,6 +315,19 @@ class TrainConfig:
     def worker_batch(self) -> int:
         """Images a step on one worker at the full worker count (its share of the global batch)."""
         return self.data.batch_size // self.run.max_workers
+
+    def resume_changes(self, saved: TrainConfig) -> list[str]:
+        """The settings that decide what a run learns which differ from ``saved``'s, as
+        ``key: old -> new`` (the run's length, workers, data location and where its teacher is
+        kept may change on a resume; the net, the objective, the optimiser and the EMA may not)."""
+        old, new = flatten(saved), flatten(self)
+        return [
+            f"{key}: {old.get(key)} -> {value}"
+            for key, value in new.items()
+            if key.startswith(RESUME_FIXED)
+            and not key.endswith(MODEL_LOCATIONS)
+            and old.get(key) != value
+        ]
 
     def model_config(self) -> ModelConfig:
         """The model this run trains, as every reader of its checkpoints and model file sees it."""

@@ -362,6 +362,25 @@ def sigterm_notice() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def check_resume(cfg: TrainConfig, run: str) -> None:
+    """Refuse to continue the run at ``run`` (a run directory or URL) when it was trained with
+    other settings: resuming would report its model under this config's name."""
+    from cmray.config import ConfigError, from_dict
+    from cmray.models.files import ModelSourceError, read_source
+
+    try:
+        saved = from_dict(TrainConfig, read_source(run)["config"])
+    except (ModelSourceError, ConfigError, KeyError, OSError):
+        return  # nothing to resume (or not a training run's checkpoint)
+    changed = cfg.resume_changes(saved)
+    if changed:
+        raise ConfigError(
+            f"{run} holds a run trained with other settings ({'; '.join(changed)}); resuming "
+            "it would report that model: set run.name to a new name, or delete that run",
+            key="run.name",
+        )
+
+
 def run_local(
     cfg: TrainConfig,
     out: str | Path,
@@ -372,6 +391,7 @@ def run_local(
     """Train in this process; checkpoints under ``out/checkpoints``, resuming from the newest.
     SIGTERM checkpoints the current step and raises ``PreemptedError``."""
     out = Path(out)
+    check_resume(cfg, str(out))
     trainer = build_trainer(cfg, torch.device(device))
     latest = ckpt.latest_checkpoint(out / ckpt.LOCAL_CHECKPOINTS)
     if latest is not None:

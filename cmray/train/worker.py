@@ -39,6 +39,7 @@ from cmray.train.loop import (
     PreemptedError,
     Trainer,
     build_trainer,
+    check_resume,
     quality_hook,
     run_loop,
 )
@@ -437,6 +438,7 @@ def prepare(cfg: TrainConfig) -> TrainConfig:
     checked, the quality figure's reference statistics made if missing (on Ray actors)."""
     cfg = absolute_paths(cfg)
     preflight(cfg)
+    check_resume(cfg, f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}")
     if cfg.quality.every:
         from cmray.eval.quality import ensure_ref_stats
 
