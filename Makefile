@@ -35,7 +35,7 @@ lock: $(STAMP)
 
 # The whole small pipeline: real images -> local shards -> iCT on 2 Ray Train CPU workers ->
 # checkpoints -> one- and two-step samples scored on 2 Ray actors with the digits-classifier
-# proxy (not FID) -> runs/demo/eval/{eval.json,samples.png} (about 16.5 min on these 2 cores,
+# proxy (not FID) -> runs/demo/eval/{eval.json,samples.png} (16.5-19 min on these 2 cores,
 # 4.5-7.5 on a faster 2-core laptop), and one line with the figures beside the reproduction
 # study's teacher and real against real.
 # The row is the study's best without a teacher at the demo's 800 steps (no teacher fits its
