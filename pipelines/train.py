@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         from cmray.train.worker import preflight
 
         preflight(cfg)
-        out = Path(cfg.run.storage_path) / cfg.run.name
+        out = Path(cfg.run.location)
         device = _local_device(cfg)
         try:
             run_local(

@@ -287,6 +287,11 @@ class RayConfig:
             )
 
     @property
+    def location(self) -> str:
+        """The run's directory (or URL): Ray Train's checkpoints, or ``--local``'s."""
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+    @property
     def max_workers(self) -> int:
         """The most workers the run uses (all of them, when not elastic)."""
         return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers

@@ -210,8 +210,7 @@ def train_worker(config: dict[str, Any]) -> None:
     stream = ShardStream(cfg.data, rank, world, device=device)
     grid: list[torch.Tensor] = []
     wait = ReportWait(cfg.loop.log_every)
-    key = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
-    tracker = start_tracking(cfg, run_key=key) if rank == 0 else None
+    tracker = start_tracking(cfg, run_key=cfg.run.location) if rank == 0 else None
 
     def sample(step: int, images: torch.Tensor) -> None:
         grid[:] = [images.cpu()]
@@ -438,7 +437,7 @@ def prepare(cfg: TrainConfig) -> TrainConfig:
     checked, the quality figure's reference statistics made if missing (on Ray actors)."""
     cfg = absolute_paths(cfg)
     preflight(cfg)
-    check_resume(cfg, f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}")
+    check_resume(cfg, cfg.run.location)
     if cfg.quality.every:
         from cmray.eval.quality import ensure_ref_stats
 
